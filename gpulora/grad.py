@@ -1,0 +1,193 @@
+"""The public entry points: validate, plan (exact or poly, which polynomial, which precision), run, pack.
+
+Host reads, on CuPy: the finiteness checks of the inputs, the scalar score bound ``M`` (the degree choice
+needs it on the host), and the normaliser check of the poly path. Everything else stays on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import backend, cost
+from .adapters import adapter_grads, output_layout, prepare
+from .exact import attention as exact
+from .model import GradResult, Head, LoRA
+from .poly import chain
+from .poly.coefficients import FAMILIES, PolyChoice, choose
+from .validation import check_degree, check_method, check_tol
+
+__all__ = ["forward", "lora_grad", "loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What will run: ``method``, and for poly the polynomial and the compute dtype."""
+
+    method: str
+    bound: float
+    choice: PolyChoice | None = None
+    compute_dtype: np.dtype | None = None
+    note: str = ""
+
+
+def _check_options(method, degree, tol, causal, family):
+    check_method(method)
+    if degree is not None:
+        check_degree(degree)
+    if tol is not None:
+        check_tol(tol)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    if method == "exact" and (degree is not None or family is not None):
+        raise ValueError("degree and family apply to method='poly' or 'auto', not method='exact'")
+
+
+def _causal_poly():
+    try:
+        from .poly import causal as causal_chain
+    except ImportError:
+        return None
+    return causal_chain
+
+
+def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targets=("q", "k", "v")) -> Plan:
+    """Decide what runs for a prepared problem (see :func:`lora_grad` for ``method="auto"``)."""
+    bound = chain.score_bound(prob.q, prob.k, prob.beta)
+    if method == "exact":
+        return Plan("exact", bound)
+    if causal and _causal_poly() is None:
+        if method == "poly":
+            raise ValueError("causal=True is not implemented for method='poly' yet; use method='exact'")
+        return Plan("exact", bound, note="auto: causal poly is not available, ran exact")
+    dtype = np.dtype(prob.q.dtype)
+    try:
+        choice, compute = choose(bound, tol=tol, degree=degree, family=family, dtype=dtype)
+    except ValueError as err:
+        if method == "poly":
+            raise
+        return Plan("exact", bound, note=f"auto: poly cannot meet the tolerance here ({err})")
+    if method == "poly":
+        return Plan("poly", bound, choice, compute)
+    lead, L = math.prod(prob.q.shape[:2]), prob.q.shape[-2]
+    d_head, d_v = prob.q.shape[-1], prob.v.shape[-1]
+    name = "cupy" if backend.is_cupy(prob.q) else "numpy"
+    t_exact = lead * cost.estimate_seconds(cost.exact_flops(L, d_head, d_v, targets, causal=causal), name, "exact")
+    t_poly = lead * cost.estimate_seconds(
+        cost.poly_flops(L, d_head, d_v, choice.features(d_head), targets), name, "poly")
+    if compute != dtype:  # float64 features for float32 inputs cost about twice as much
+        t_poly *= 2
+    winner = "poly" if t_poly < t_exact else "exact"
+    note = (f"auto: estimated exact {t_exact:.3g} s vs poly {t_poly:.3g} s (degree {choice.degree} "
+            f"{choice.family}, k = {choice.features(d_head)}): ran {winner}")
+    return Plan(winner, bound, choice, compute, note)
+
+
+def _run(prob, p: Plan, *, causal, need):
+    args = (prob.q, prob.k, prob.v, prob.y, prob.beta)
+    if p.method == "exact":
+        return exact.loss_and_grads(*args, causal=causal, softmax_one=prob.softmax_one, need=need)
+    impl = _causal_poly() if causal else chain
+    return impl.loss_and_grads(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one, need=need)
+
+
+def _run_with_fallback(prob, p: Plan, requested: str, *, causal, need):
+    try:
+        return p, _run(prob, p, causal=causal, need=need)
+    except chain.PolynomialFailure as err:
+        if requested != "auto":
+            raise
+        p = dataclasses.replace(p, method="exact", note=f"auto: poly failed ({err}); fell back to exact")
+        return p, _run(prob, p, causal=causal, need=need)
+
+
+def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=None, causal=False,
+              family=None) -> GradResult:
+    """Loss and gradients of ``0.5 ||attention(x) - y||^2`` with respect to every adapter's ``B`` and ``A``.
+
+    Parameters
+    ----------
+    head : Head
+        Frozen weights ``w_q, w_k (d_model, H d_head)``, ``w_v (d_model, H d_v)``, ``beta``.
+    lora : LoRA
+        Adapters for a non-empty subset of ``"q"``, ``"k"``, ``"v"``.
+    x : array of shape (L, d_model) or (batch, L, d_model)
+        NumPy or CuPy, float32 or float64; results come back in its namespace and dtype.
+    y : array of shape (L, H d_v) or (batch, L, H d_v)
+        Targets, same leading shape as ``x``.
+    method : {"auto", "exact", "poly"}
+        ``"exact"``: ``O(L^2 d)`` time, memory linear in ``L`` (blocked). ``"poly"``: the polynomial method
+        (Hu et al. 2025), ``O(L k d_v d_head)`` time with ``k = C(d_head + g, g)``. ``"auto"``: computes the
+        bound ``M``, the degree ``tol`` needs and the estimated cost of both (:mod:`gpulora.cost`), runs
+        the cheaper one that meets ``tol`` (exact when poly cannot, or when poly fails at run time) and
+        says why in ``GradResult.note``.
+    degree : int, optional
+        Fix the polynomial degree ``g`` (poly/auto); otherwise the smallest one that meets ``tol``.
+    tol : float, optional
+        Target max relative error of ``p ~ exp`` on ``[-M, M]`` (``0 < tol < 1``), approximation plus
+        estimated rounding; default ``1e-3``. Adapter gradients then carry relative errors of at most a
+        small multiple of it (``10 tol`` is what the tests hold).
+    causal : bool
+        Mask ``j > i``.
+    family : {"taylor", "shifted_taylor", "chebyshev"}, optional
+        Restrict the polynomial family (by default chosen with the degree).
+
+    Returns
+    -------
+    GradResult
+        ``loss``, ``grads[target].B / .A``, ``method`` that ran, ``degree``, ``features``, ``bound``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For bad input (naming the argument); for ``method="poly"`` when no polynomial can meet ``tol`` at
+        this bound, or when the polynomial fails at run time (:class:`gpulora.PolynomialFailure`).
+    """
+    _check_options(method, degree, tol, causal, family)
+    prob = prepare(head, lora, x, y)
+    need = lora.targets
+    p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=need)
+    p, (loss_, dq, dk, dv) = _run_with_fallback(prob, p, method, causal=causal, need=need)
+    grads = adapter_grads(lora, prob, {"q": dq, "k": dk, "v": dv})
+    poly = p.method == "poly"
+    return GradResult(
+        loss=loss_,
+        grads=grads,
+        method=p.method,
+        degree=p.choice.degree if poly else None,
+        features=p.choice.features(prob.q.shape[-1]) if poly else None,
+        bound=p.bound,
+        family=p.choice.family if poly else None,
+        compute_dtype=str(p.compute_dtype) if poly else None,
+        note=p.note,
+    )
+
+
+def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None, causal=False, family=None):
+    """Attention output ``O`` of shape ``(L, H d_v)`` or ``(batch, L, H d_v)``, exactly or by the polynomial method.
+
+    Arguments as in :func:`lora_grad`. Cost ``O(L^2 d)`` exact, ``O(L k d_v)`` poly.
+    """
+    _check_options(method, degree, tol, causal, family)
+    prob = prepare(head, lora, x)
+    p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
+    if p.method == "exact":
+        o = exact.attention_output(prob.q, prob.k, prob.v, prob.beta, causal=causal, softmax_one=prob.softmax_one)
+    else:
+        impl = _causal_poly() if causal else chain
+        o = impl.output(prob.q, prob.k, prob.v, prob.beta, p.choice, p.compute_dtype, softmax_one=prob.softmax_one)
+    return output_layout(prob, o)
+
+
+def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None, causal=False, family=None):
+    """The loss ``0.5 ||O - y||^2`` (summed over the batch) as a 0-d array; arguments as in :func:`lora_grad`."""
+    _check_options(method, degree, tol, causal, family)
+    prob = prepare(head, lora, x, y)
+    p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
+    _, (loss_, _, _, _) = _run_with_fallback(prob, p, method, causal=causal, need=())
+    return loss_
+

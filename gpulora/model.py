@@ -1,0 +1,182 @@
+"""The objects of the public API: frozen head weights, LoRA adapters, and the result of a gradient call.
+
+Layout is ``x @ W`` (rows are tokens). A head maps ``x (..., L, d_model)`` to ``Q = x @ Wq (..., L, H d_head)``,
+``K = x @ Wk``, ``V = x @ Wv (..., L, H d_v)``; with ``heads = H > 1`` the projection columns are split into
+``H`` consecutive groups, one per head, as in a real attention layer. LoRA: ``W = W0 + (alpha / r) B @ A``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from . import backend
+from .validation import check_alpha, check_beta, check_real_array
+
+__all__ = ["TARGETS", "AdapterGrad", "GradResult", "Head", "LoRA"]
+
+TARGETS = ("q", "k", "v")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Head:
+    """Frozen pretrained weights of one attention head (or of ``heads`` heads sharing the input).
+
+    Parameters
+    ----------
+    w_q, w_k : array of shape (d_model, heads * d_head)
+    w_v : array of shape (d_model, heads * d_v)
+        NumPy or CuPy, float32 or float64, all from the same library.
+    beta : float, optional
+        Inverse temperature of ``S = beta * Q @ K^T``; ``None`` means ``1 / sqrt(d_head)``.
+    heads : int
+        Number of heads ``H`` packed in the projections (default 1).
+    softmax_one : bool
+        Use Softmax_1, ``exp(s_ij) / (1 + sum_l exp(s_il))`` (the "outlier-free" attention), instead of
+        the softmax.
+    """
+
+    w_q: Any
+    w_k: Any
+    w_v: Any
+    beta: float | None = None
+    heads: int = 1
+    softmax_one: bool = False
+
+    def __post_init__(self):
+        for name in ("w_q", "w_k", "w_v"):
+            check_real_array(name, getattr(self, name), ndim=2)
+        backend.namespace(self.w_q, self.w_k, self.w_v)
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+            raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
+        if not isinstance(self.softmax_one, bool):
+            raise TypeError(f"softmax_one must be a bool, got {type(self.softmax_one).__name__}")
+        d_model = self.w_q.shape[0]
+        for name in ("w_k", "w_v"):
+            if getattr(self, name).shape[0] != d_model:
+                raise ValueError(
+                    f"{name} must have d_model = {d_model} rows like w_q, got shape {getattr(self, name).shape}"
+                )
+        if self.w_k.shape != self.w_q.shape:
+            raise ValueError(f"w_k must have the shape of w_q {self.w_q.shape}, got {self.w_k.shape}")
+        for name in ("w_q", "w_v"):
+            cols = getattr(self, name).shape[1]
+            if cols == 0 or cols % self.heads:
+                raise ValueError(
+                    f"{name} must have a positive multiple of heads = {self.heads} columns, got {cols}"
+                )
+        beta = 1.0 / math.sqrt(self.d_head) if self.beta is None else check_beta(self.beta)
+        object.__setattr__(self, "beta", beta)
+
+    @property
+    def d_model(self) -> int:
+        return self.w_q.shape[0]
+
+    @property
+    def d_head(self) -> int:
+        return self.w_q.shape[1] // self.heads
+
+    @property
+    def d_v(self) -> int:
+        return self.w_v.shape[1] // self.heads
+
+    def weight(self, target: str):
+        """The frozen weight of ``target`` (``"q"``, ``"k"`` or ``"v"``)."""
+        return {"q": self.w_q, "k": self.w_k, "v": self.w_v}[target]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoRA:
+    """Low-rank adapters ``W = W0 + (alpha / r) B @ A`` for a non-empty subset of the targets q, k, v.
+
+    Parameters
+    ----------
+    adapters : mapping of str to (B, A)
+        Target name (``"q"``, ``"k"``, ``"v"``) to a pair ``B (d_model, r)``, ``A (r, d_out)``; ``r`` may
+        differ between targets. ``{"q", "v"}`` is the paper's partial adaptation, ``{"q", "k", "v"}`` its
+        full adaptation. PEFT: ``B = lora_A.weight.T``, ``A = lora_B.weight.T``.
+    alpha : float
+        LoRA scaling numerator; the scaling of an adapter of rank ``r`` is ``alpha / r``.
+    """
+
+    adapters: Mapping[str, tuple]
+    alpha: float
+
+    def __post_init__(self):
+        if not isinstance(self.adapters, Mapping):
+            raise TypeError(f"adapters must be a dict of target -> (B, A), got {type(self.adapters).__name__}")
+        if not self.adapters:
+            raise ValueError(f"adapters must name at least one target of {TARGETS}")
+        unknown = [t for t in self.adapters if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS}")
+        arrays = []
+        for t, pair in self.adapters.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"adapters[{t!r}] must be a pair (B, A), got {type(pair).__name__}")
+            b, a = pair
+            check_real_array(f"adapters[{t!r}] B", b, ndim=2)
+            check_real_array(f"adapters[{t!r}] A", a, ndim=2)
+            if b.shape[1] < 1 or b.shape[1] != a.shape[0]:
+                raise ValueError(
+                    f"adapters[{t!r}]: B of shape (d_model, r) and A of shape (r, d_out) must share r >= 1, "
+                    f"got B {tuple(b.shape)} and A {tuple(a.shape)}"
+                )
+            arrays += [b, a]
+        backend.namespace(*arrays)
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        object.__setattr__(self, "adapters", {t: tuple(self.adapters[t]) for t in TARGETS if t in self.adapters})
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The adapted targets, in q, k, v order."""
+        return tuple(self.adapters)
+
+    def scaling(self, target: str) -> float:
+        """``alpha / r`` of the adapter of ``target``."""
+        return self.alpha / self.adapters[target][0].shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterGrad:
+    """Gradients of the loss with respect to one adapter's ``B`` (d_model, r) and ``A`` (r, d_out)."""
+
+    B: Any
+    A: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GradResult:
+    """What :func:`gpulora.lora_grad` returns.
+
+    Attributes
+    ----------
+    loss : 0-d array
+        ``0.5 * sum (O - y)^2``, in the namespace and dtype of ``x``.
+    grads : dict of str to AdapterGrad
+        One entry per adapted target.
+    method : str
+        ``"exact"`` or ``"poly"``: what actually ran.
+    degree, features : int or None
+        Polynomial degree ``g`` and feature dimension ``k = C(d_head + g, g)`` (poly only).
+    bound : float
+        ``M = beta * max_i |q_i| * max_j |k_j|``, the bound on ``max |S|`` that was used.
+    family : str or None
+        The polynomial family (poly only).
+    compute_dtype : str or None
+        The dtype the polynomial features were computed in (poly only; float64 when float32 rounding
+        would exceed the tolerance).
+    note : str
+        Why ``method="auto"`` chose what it did (empty otherwise).
+    """
+
+    loss: Any
+    grads: dict
+    method: str
+    degree: int | None = None
+    features: int | None = None
+    bound: float = 0.0
+    family: str | None = None
+    compute_dtype: str | None = None
+    note: str = ""

@@ -1,0 +1,1 @@
+"""The polynomial method: monomial tables, polynomial families, feature maps, Kronecker products, the chain."""

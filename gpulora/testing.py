@@ -1,0 +1,100 @@
+"""Helpers shared by the tests, the benchmarks and the command line: seeded problems, errors, oracles.
+
+Inputs are generated on the host with ``np.random.default_rng(seed)`` and moved with ``xp.asarray``, so
+NumPy and CuPy see identical numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from . import backend
+from .model import Head, LoRA
+
+__all__ = ["Problem", "finite_difference_grads", "make_problem", "rel_error"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A LoRA attention problem: ``head``, ``lora``, ``x``, ``y`` ready for :func:`gpulora.lora_grad`."""
+
+    head: Head
+    lora: LoRA
+    x: Any
+    y: Any
+
+
+def make_problem(seed=0, *, L=64, d_model=16, d_head=8, d_v=None, r=4, targets="qv", batch=None, heads=1,
+                 dtype=np.float64, xp=np, score_bound=None, beta=None, softmax_one=False, alpha=None) -> Problem:
+    """A random problem, optionally scaled so that ``beta * max|q_i| * max|k_j|`` equals ``score_bound``.
+
+    Rows of ``x`` are unit vectors (normalised inputs, as the paper advises); weights are Gaussian with
+    variance ``1 / d_model``; adapters are non-zero (unlike a fresh LoRA init) so every gradient term is
+    exercised. With ``score_bound`` set, ``w_q``/``w_k`` and the q/k adapters are scaled by a common factor
+    to hit that bound exactly.
+    """
+    rng = np.random.default_rng(seed)
+    d_v = d_head if d_v is None else d_v
+    lead = () if batch is None else (batch,)
+    x = rng.standard_normal(lead + (L, d_model))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    w = {t: rng.standard_normal((d_model, heads * (d_v if t == "v" else d_head))) / math.sqrt(d_model)
+         for t in "qkv"}
+    adapters = {t: (rng.standard_normal((d_model, r)) / math.sqrt(d_model),
+                    rng.standard_normal((r, w[t].shape[1])) / math.sqrt(r)) for t in targets}
+    alpha = float(r) if alpha is None else alpha
+    y = rng.standard_normal(lead + (L, heads * d_v))
+    beta_ = 1 / math.sqrt(d_head) if beta is None else beta
+    if score_bound is not None:
+        wq = w["q"] + (alpha / r * adapters["q"][0] @ adapters["q"][1] if "q" in adapters else 0)
+        wk = w["k"] + (alpha / r * adapters["k"][0] @ adapters["k"][1] if "k" in adapters else 0)
+        q = (x @ wq).reshape(lead + (L, heads, d_head))
+        k = (x @ wk).reshape(lead + (L, heads, d_head))
+        qn = np.linalg.norm(q, axis=-1).max(axis=-2)  # per (batch, head)
+        kn = np.linalg.norm(k, axis=-1).max(axis=-2)
+        c = math.sqrt(score_bound / (beta_ * float(np.max(qn * kn))))
+        w["q"], w["k"] = w["q"] * c, w["k"] * c
+        adapters = {t: (b, a * c if t in "qk" else a) for t, (b, a) in adapters.items()}
+
+    def dev(a):
+        return xp.asarray(np.asarray(a, dtype=dtype))
+
+    head = Head(dev(w["q"]), dev(w["k"]), dev(w["v"]), beta=beta, heads=heads, softmax_one=softmax_one)
+    lora = LoRA({t: (dev(b), dev(a)) for t, (b, a) in adapters.items()}, alpha=alpha)
+    return Problem(head, lora, dev(x), dev(y))
+
+
+def rel_error(a, b) -> float:
+    """Relative Frobenius error ``||a - b|| / ||b||`` (host floats; ``0`` when both vanish)."""
+    a = backend.to_numpy(a).astype(np.float64)
+    b = backend.to_numpy(b).astype(np.float64)
+    nb = np.linalg.norm(b)
+    diff = np.linalg.norm(a - b)
+    return float(diff / nb) if nb > 0 else float(diff)
+
+
+def finite_difference_grads(loss_fn, lora: LoRA, h=1e-6) -> dict:
+    """Central differences of ``loss_fn(lora) -> float`` in every entry of every ``B`` and ``A`` (NumPy float64).
+
+    ``O(#params)`` loss evaluations: tiny problems only.
+    """
+    out = {}
+    for t, (b, a) in lora.adapters.items():
+        grads = []
+        for which, arr in (("B", b), ("A", a)):
+            g = np.zeros(arr.shape)
+            for idx in np.ndindex(arr.shape):
+                vals = []
+                for sign in (1, -1):
+                    pert = np.array(arr, dtype=np.float64)
+                    pert[idx] += sign * h
+                    pair = (pert, a) if which == "B" else (b, pert)
+                    vals.append(loss_fn(LoRA({**lora.adapters, t: pair}, alpha=lora.alpha)))
+                g[idx] = (vals[0] - vals[1]) / (2 * h)
+            grads.append(g)
+        out[t] = tuple(grads)
+    return out
