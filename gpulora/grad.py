@@ -87,6 +87,11 @@ def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targ
     return Plan(winner, bound, choice, compute, note)
 
 
+def _zero_d(prob, value):
+    """A 0-d array in the namespace and dtype of ``x`` (NumPy reductions give scalars otherwise)."""
+    return prob.xp.asarray(value, dtype=prob.x.dtype)
+
+
 def _run(prob, p: Plan, *, causal, need):
     args = (prob.q, prob.k, prob.v, prob.y, prob.beta)
     if p.method == "exact":
@@ -155,7 +160,7 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
     grads = adapter_grads(lora, prob, {"q": dq, "k": dk, "v": dv})
     poly = p.method == "poly"
     return GradResult(
-        loss=loss_,
+        loss=_zero_d(prob, loss_),
         grads=grads,
         method=p.method,
         degree=p.choice.degree if poly else None,
@@ -189,5 +194,5 @@ def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None,
     prob = prepare(head, lora, x, y)
     p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
     _, (loss_, _, _, _) = _run_with_fallback(prob, p, method, causal=causal, need=())
-    return loss_
+    return _zero_d(prob, loss_)
 

@@ -24,9 +24,12 @@ or ``L x k d_v`` array; it equals the exact-gradient formula of SPEC section 2 e
 gradients, which are bilinear in ``F`` and ``G``, within a small multiple of ``tol``: the tests hold the
 relative Frobenius error of every adapter gradient to ``10 tol`` on bounded problems.
 
-**Normaliser check.** Since ``p >= p_min > 0`` on ``[-M, M]``, every ``D_i >= n_i p_min`` (``n_i`` keys of
-row ``i``). A ``D_i`` below half that, or not finite, means rounding destroyed the polynomial: a
-:class:`PolynomialFailure` is raised (one host read), never a silently wrong gradient.
+**Run-time checks.** The degree and precision are chosen a priori so that rounding stays within ``tol``
+(:mod:`gpulora.poly.coefficients`). Two checks verify it a posteriori and raise :class:`PolynomialFailure`
+rather than return a silently wrong gradient: :func:`check_extreme_pairs` compares ``phi . psi`` with
+``p(s)`` at the most negative scores of the extreme rows (where cancellation is worst), and
+:func:`check_normaliser` checks every ``D_i >= n_i p_min / 2`` (``p >= p_min > 0`` on ``[-M, M]``,
+``n_i`` keys in row ``i``). Two host reads.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from __future__ import annotations
 import math
 
 from .. import backend
-from .coefficients import PolyChoice
+import numpy as np
+
+from .coefficients import PolyChoice, evaluate
 from .features import feature_scales, monomial_features
 from .monomials import monomial_table
 from .products import kron_contract, kron_readout
 
-__all__ = ["PolynomialFailure", "features", "loss_and_grads", "output", "score_bound"]
+__all__ = ["PolynomialFailure", "check_extreme_pairs", "check_normaliser", "features", "loss_and_grads", "output", "score_bound"]
 
 
 class PolynomialFailure(ValueError):
@@ -69,12 +74,53 @@ def features(q, k, beta, choice: PolyChoice, *, softmax_one=False):
     sk = xp.asarray(feature_scales(choice.coef, d, "key"), dtype=q.dtype)
     phi = monomial_features(beta * q, table, sq)  # [..., L, k]
     psi = monomial_features(k, table, sk)  # [..., L, k]
+    check_extreme_pairs(beta * q, k, phi, psi, choice)
     den = phi @ xp.sum(psi, axis=-2)[..., None]  # [..., L, 1]
     n_keys = k.shape[-2]
     check_normaliser(den, n_keys * choice.min_value, choice)
     if softmax_one:
         den = den + 1.0
     return phi / den, psi
+
+
+def check_extreme_pairs(qs, k, phi, psi, choice: PolyChoice, factor: float = 10.0) -> None:
+    """Measure the rounding of ``phi . psi`` where it is worst, and raise if it is far past the estimate.
+
+    The cancellation is largest at the most negative scores. For each leading index, take the query row of
+    largest norm ``i*`` and the key row of largest norm ``j*`` (they define ``M``), the key most opposed to
+    ``i*`` and the query most opposed to ``j*``, and compare ``phi_i . psi_j`` at those three pairs with
+    ``p(s_ij)`` evaluated in float64 on the host. A relative deviation above ``factor`` times the error
+    budget the polynomial was chosen for (``choice.budget``, at least its approximation error) raises
+    :class:`PolynomialFailure`. Cost ``O(L d)``,
+    one host read of ``3 * batch * H`` pairs. This catches what the normaliser bound cannot: rounding
+    garbage that is positive (e.g. ``p(-20)`` computed as 4442 in float32 by a degree-40 Taylor polynomial).
+    """
+    xp = backend.namespace(qs, k, phi, psi)
+    d, kf = qs.shape[-1], phi.shape[-1]
+    q2, k2 = xp.reshape(qs, (-1,) + qs.shape[-2:]), xp.reshape(k, (-1,) + k.shape[-2:])
+    f2, p2 = xp.reshape(phi, (-1,) + phi.shape[-2:]), xp.reshape(psi, (-1,) + psi.shape[-2:])
+    n = xp.arange(q2.shape[0])
+    i_star = xp.argmax(xp.sum(q2 * q2, axis=-1), axis=-1)  # [n]
+    j_star = xp.argmax(xp.sum(k2 * k2, axis=-1), axis=-1)
+    j_opp = xp.argmin(xp.sum(q2[n, i_star][:, None, :] * k2, axis=-1), axis=-1)
+    i_opp = xp.argmin(xp.sum(q2 * k2[n, j_star][:, None, :], axis=-1), axis=-1)
+    rows = xp.concat([i_star, i_star, i_opp])
+    cols = xp.concat([j_star, j_opp, j_star])
+    nn = xp.concat([n, n, n])
+    # [3 n]: features products and the scores they must reproduce
+    got = xp.sum(f2[nn, rows] * p2[nn, cols], axis=-1)
+    s = xp.sum(q2[nn, rows] * k2[nn, cols], axis=-1)
+    got, s = backend.to_numpy(got).astype(np.float64), backend.to_numpy(s).astype(np.float64)
+    want = evaluate(choice.coef, s)
+    dev = float(np.max(np.abs(got - want) / np.abs(want))) if want.size else 0.0
+    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(np.finfo(phi.dtype).eps))
+    if not dev <= allowed:
+        raise PolynomialFailure(
+            f"the degree-{choice.degree} {choice.family} polynomial lost its accuracy to rounding in "
+            f"{phi.dtype} on this input: phi(q) . psi(k) deviates from p(q . k) by {dev:.3g} (relative) at "
+            f"the most negative scores (allowed {allowed:.3g}, bound M = {choice.bound:.3g}, {kf} features "
+            f"of {d} coordinates). Use a smaller bound (normalised inputs), float64, or method='exact'"
+        )
 
 
 def check_normaliser(den, lower, choice: PolyChoice) -> None:

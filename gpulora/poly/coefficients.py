@@ -42,6 +42,7 @@ __all__ = ["DEFAULT_TOL", "FAMILIES", "MAX_DEGREE", "PolyChoice", "choose", "coe
 FAMILIES = ("taylor", "shifted_taylor", "chebyshev")
 DEFAULT_TOL = 1e-3
 MAX_DEGREE = 40
+MAX_FIXED_DEGREE_ERROR = 1.0  # a fixed degree worse than this (factor-2 errors in exp) is refused
 _GRID = 2049
 _TINY_BOUND = 1e-6  # [-M, M] degenerates below this: the grid and Chebyshev nodes need a width
 
@@ -97,6 +98,9 @@ class PolyChoice:
         ``min p`` on that grid; every normaliser ``D_i = sum_j p(s_ij)`` is at least ``L * min_value``.
     kappa : float
         Cancellation factor ``sum_m |c_m| M^m / min_value`` (rounding amplification).
+    budget : float
+        The error budget :func:`choose` selected it for (``tol``, or the accepted approximation error of
+        a fixed degree); 0 when built directly. Run-time checks hold the measured rounding to it.
     """
 
     family: str
@@ -106,6 +110,7 @@ class PolyChoice:
     approx_error: float
     min_value: float
     kappa: float
+    budget: float = 0.0
 
     @property
     def positive(self) -> bool:
@@ -172,7 +177,8 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
     ValueError
         When no positive polynomial of degree <= :data:`MAX_DEGREE` meets ``tol`` (the bound is past what
         the polynomial method can do: use ``method="exact"``), when a fixed ``degree`` gives a polynomial
-        that is not positive on ``[-M, M]``, or when rounding would swamp the result even in float64.
+        that is not positive on ``[-M, M]`` or whose relative error reaches :data:`MAX_FIXED_DEGREE_ERROR`,
+        or when rounding would swamp the result even in float64.
     """
     _check_family(family)
     dtype = np.dtype(dtype)
@@ -193,6 +199,12 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
                 f"family='shifted_taylor' (positive at every degree)"
             )
         best = min(positive, key=rank)
+        if best.approx_error >= MAX_FIXED_DEGREE_ERROR:
+            raise ValueError(
+                f"degree={degree}: the best polynomial of that degree ({best.family}) approximates exp on "
+                f"[-M, M], M = {bound:.3g}, only to a relative error of {best.approx_error:.3g}; raise the "
+                f"degree, pass tol= instead, or use method='exact'"
+            )
         # The caller accepts this degree's approximation error; rounding must not dominate it.
         budget, base = max(target, best.approx_error), 0.0
     else:
@@ -212,7 +224,7 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
         budget, base = target, best.approx_error
     for compute in (dtype, np.dtype(np.float64)):
         if base + best.rounding_error(compute) <= budget:
-            return best, compute
+            return dataclasses.replace(best, budget=budget), compute
     raise ValueError(
         f"M = {bound:.3g} is too large for the degree-{best.degree} {best.family} polynomial: its terms "
         f"cancel by a factor {best.kappa:.2g}, so rounding alone (~{best.rounding_error(np.float64):.2g} "
