@@ -60,7 +60,8 @@ def monomial_features_reference(z, table: MonomialTable, scale):
         coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
         # columns of degree m from those of degree m - 1: one multiply each
         out[..., lo:hi] = xp.take(out, parent, axis=-1) * xp.take(z, coord, axis=-1)
-    return out * scale
+    out *= scale  # in place: a second (..., L, k) array would double the peak memory
+    return out
 
 
 def monomial_features(z, table: MonomialTable, scale):

@@ -42,7 +42,7 @@ def kron_contract_reference(psi, a, b):
         hi = min(L, lo + step)
         # [..., Lb, p * q]: the Kronecker rows of this block only
         ab = xp.reshape(a[..., lo:hi, :, None] * b[..., lo:hi, None, :], lead + (hi - lo, p * q))
-        t = t + psi[..., lo:hi, :].mT @ ab
+        t += psi[..., lo:hi, :].mT @ ab
     return xp.reshape(t, lead + (k, p, q))
 
 

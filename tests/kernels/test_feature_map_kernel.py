@@ -1,0 +1,144 @@
+"""``gpulora.kernels.feature_map`` against its NumPy twin ``monomial_features_reference``.
+
+Simulator cases run in one subprocess with ``NUMBA_ENABLE_CUDASIM=1`` (the variable must be set before
+``numba.cuda`` is first imported, and this pytest process keeps the real ``numba.cuda`` for the PTX and
+GPU tests): this file, run as a script, prints the errors of every case as JSON, and the tests below assert
+them case by case. Outputs are NaN-poisoned before each launch, so an unwritten element fails.
+
+Tolerances (STYLE item 11): float64, max elementwise relative error <= 1e-12; float32, the kernel's error
+against the float64 twin at most twice the float32 twin's error plus one float32 epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpulora import backend
+from gpulora.poly.features import monomial_features_reference
+from gpulora.poly.monomials import monomial_table
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+# (lead, L, d, g, mode): lead = batch axes; mode "auto" = the entry point, "recompute" = parent-chain
+# mode, "rows3" = cached mode with 3 rows per block (the shared cache sets the tile).
+SIM_CASES = [
+    ((), 1, 1, 1, "auto"),
+    ((2,), 7, 3, 2, "auto"),
+    ((1,), 33, 4, 3, "auto"),
+    ((2,), 63, 3, 1, "auto"),
+    ((), 63, 1, 3, "auto"),
+    ((2, 3), 7, 3, 2, "auto"),
+    ((2,), 33, 3, 3, "recompute"),
+    ((1,), 7, 4, 2, "rows3"),
+    ((1,), 0, 3, 2, "auto"),
+]
+GPU_CASES = [
+    ((2,), 4097, 8, 3, "auto"),
+    ((1,), 300, 16, 4, "auto"),  # k = 4845 > S_ELEMS: recompute mode
+    ((2,), 1000, 4, 2, "recompute"),
+]
+
+
+def _case_id(case):
+    lead, L, d, g, mode = case
+    return "B{}-L{}-d{}-g{}-{}".format("x".join(map(str, lead)) or "none", L, d, g, mode)
+
+
+def _max_rel(x, ref):
+    """Max elementwise relative error (NaN if ``x`` has a NaN); 0 for empty arrays."""
+    if ref.size == 0:
+        return 0.0
+    return float(np.max(np.abs(x - ref) / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)))
+
+
+def _kernel(z, table, scale, mode):
+    """Features of ``z`` by the kernel: through the entry point, or the launcher with a forced mode."""
+    from gpulora import kernels
+    from gpulora.kernels.feature_map import launch_feature_map
+
+    if mode == "auto":
+        return kernels.feature_map(z, table, scale)
+    xp = backend.namespace(z)
+    out = backend.empty(z.shape[:-1] + (table.k,), z.dtype, xp)
+    parent, coord, starts = (xp.asarray(a) for a in (table.parent, table.coord, table.degree_start))
+    if mode == "recompute":
+        launch_feature_map(z, parent, coord, starts, scale, out, cached=False)
+    else:
+        launch_feature_map(z, parent, coord, starts, scale, out, cached=True, tile_rows=3)
+    return out
+
+
+def run_case(case, xp, seed=0):
+    """Errors of the kernel (arrays on ``xp``) against the NumPy twin, for float64 and float32 inputs."""
+    lead, L, d, g, mode = case
+    rng = np.random.default_rng(seed)
+    table = monomial_table(d, g)
+    z64 = 0.8 * rng.standard_normal(lead + (L, d))
+    scale64 = rng.uniform(-1.5, 1.5, table.k)
+    z32, scale32 = z64.astype(np.float32), scale64.astype(np.float32)
+    # float64 references: of the float64 inputs, and of the float32 inputs widened (arithmetic error only)
+    ref64 = monomial_features_reference(z64, table, scale64)
+    ref32_in64 = monomial_features_reference(z32.astype(np.float64), table, scale32.astype(np.float64))
+    twin32 = monomial_features_reference(z32, table, scale32)
+    with backend.poisoned():
+        out64 = backend.to_numpy(_kernel(xp.asarray(z64), table, xp.asarray(scale64), mode))
+        out32 = backend.to_numpy(_kernel(xp.asarray(z32), table, xp.asarray(scale32), mode))
+    return {
+        "shape_ok": out64.shape == ref64.shape and out32.shape == ref64.shape,
+        "dtype_ok": out64.dtype == np.float64 and out32.dtype == np.float32,
+        "finite": bool(np.isfinite(out64).all() and np.isfinite(out32).all()),
+        "err64": _max_rel(out64, ref64),
+        "err32_kernel": _max_rel(out32.astype(np.float64), ref32_in64),
+        "err32_twin": _max_rel(twin32.astype(np.float64), ref32_in64),
+    }
+
+
+def check(res):
+    assert res["shape_ok"] and res["dtype_ok"], res
+    assert res["finite"], f"unwritten (NaN-poisoned) or non-finite output: {res}"
+    assert res["err64"] <= 1e-12, res
+    assert res["err32_kernel"] <= 2 * res["err32_twin"] + EPS32, res
+
+
+@pytest.fixture(scope="module")
+def sim_results():
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in SIM_CASES])
+def test_feature_map_kernel_sim(case, sim_results):
+    check(sim_results[_case_id(case)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in SIM_CASES + GPU_CASES])
+def test_feature_map_kernel_gpu(case):
+    from gpulora import kernels
+
+    if not kernels.available():
+        pytest.skip("needs CuPy, a CUDA device and numba-cuda (without the simulator)")
+    import cupy
+
+    check(run_case(case, cupy))
+
+
+def _main():
+    from numba import cuda
+
+    assert cuda.config.ENABLE_CUDASIM, "run with NUMBA_ENABLE_CUDASIM=1"
+    print(json.dumps({_case_id(c): run_case(c, np) for c in SIM_CASES}))
+
+
+if __name__ == "__main__":
+    _main()
