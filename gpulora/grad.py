@@ -1,7 +1,9 @@
 """The public entry points: validate, plan (exact or poly, which polynomial, which precision), run, pack.
 
-Host reads, on CuPy: the finiteness checks of the inputs, the scalar score bound ``M`` (the degree choice
-needs it on the host), and the normaliser check of the poly path. Everything else stays on the device.
+Host reads, on CuPy (each one scalar or a few numbers, each a synchronisation): the finiteness check of
+every input array, the score bound ``M`` (the degree choice needs it on the host), and the poly path's two
+run-time checks (``3 * batch * H`` feature products at the extreme rows, and the smallest normaliser
+ratio). Everything else, the gradient chain included, stays on the device, on CuPy's current stream.
 """
 
 from __future__ import annotations
