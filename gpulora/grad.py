@@ -17,6 +17,7 @@ from . import backend, cost
 from .adapters import adapter_grads, output_layout, prepare
 from .exact import attention as exact
 from .model import GradResult, Head, LoRA
+from .poly import causal as causal_chain
 from .poly import chain
 from .poly.coefficients import FAMILIES, PolyChoice, choose
 from .validation import check_degree, check_method, check_tol
@@ -49,23 +50,11 @@ def _check_options(method, degree, tol, causal, family):
         raise ValueError("degree and family apply to method='poly' or 'auto', not method='exact'")
 
 
-def _causal_poly():
-    try:
-        from .poly import causal as causal_chain
-    except ImportError:
-        return None
-    return causal_chain
-
-
 def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targets=("q", "k", "v")) -> Plan:
     """Decide what runs for a prepared problem (see :func:`lora_grad` for ``method="auto"``)."""
     bound = chain.score_bound(prob.q, prob.k, prob.beta)
     if method == "exact":
         return Plan("exact", bound)
-    if causal and _causal_poly() is None:
-        if method == "poly":
-            raise ValueError("causal=True is not implemented for method='poly' yet; use method='exact'")
-        return Plan("exact", bound, note="auto: causal poly is not available, ran exact")
     dtype = np.dtype(prob.q.dtype)
     try:
         choice, compute = choose(bound, tol=tol, degree=degree, family=family, dtype=dtype)
@@ -98,18 +87,27 @@ def _run(prob, p: Plan, *, causal, need):
     args = (prob.q, prob.k, prob.v, prob.y, prob.beta)
     if p.method == "exact":
         return exact.loss_and_grads(*args, causal=causal, softmax_one=prob.softmax_one, need=need)
-    impl = _causal_poly() if causal else chain
+    impl = causal_chain if causal else chain
     return impl.loss_and_grads(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one, need=need)
 
 
-def _run_with_fallback(prob, p: Plan, requested: str, *, causal, need):
+def _output(prob, p: Plan, *, causal):
+    args = (prob.q, prob.k, prob.v, prob.beta)
+    if p.method == "exact":
+        return exact.attention_output(*args, causal=causal, softmax_one=prob.softmax_one)
+    impl = causal_chain if causal else chain
+    return impl.output(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one)
+
+
+def _with_fallback(run, prob, p: Plan, requested: str, **kw):
+    """``run(prob, p, **kw)``; under ``method="auto"`` a poly run that fails falls back to exact, and says so."""
     try:
-        return p, _run(prob, p, causal=causal, need=need)
+        return p, run(prob, p, **kw)
     except chain.PolynomialFailure as err:
         if requested != "auto":
             raise
         p = dataclasses.replace(p, method="exact", note=f"auto: poly failed ({err}); fell back to exact")
-        return p, _run(prob, p, causal=causal, need=need)
+        return p, run(prob, p, **kw)
 
 
 def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=None, causal=False,
@@ -158,7 +156,7 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
     prob = prepare(head, lora, x, y)
     need = lora.targets
     p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=need)
-    p, (loss_, dq, dk, dv) = _run_with_fallback(prob, p, method, causal=causal, need=need)
+    p, (loss_, dq, dk, dv) = _with_fallback(_run, prob, p, method, causal=causal, need=need)
     grads = adapter_grads(lora, prob, {"q": dq, "k": dk, "v": dv})
     poly = p.method == "poly"
     return GradResult(
@@ -182,11 +180,7 @@ def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None,
     _check_options(method, degree, tol, causal, family)
     prob = prepare(head, lora, x)
     p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
-    if p.method == "exact":
-        o = exact.attention_output(prob.q, prob.k, prob.v, prob.beta, causal=causal, softmax_one=prob.softmax_one)
-    else:
-        impl = _causal_poly() if causal else chain
-        o = impl.output(prob.q, prob.k, prob.v, prob.beta, p.choice, p.compute_dtype, softmax_one=prob.softmax_one)
+    _, o = _with_fallback(_output, prob, p, method, causal=causal)
     return output_layout(prob, o)
 
 
@@ -195,6 +189,6 @@ def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None,
     _check_options(method, degree, tol, causal, family)
     prob = prepare(head, lora, x, y)
     p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
-    _, (loss_, _, _, _) = _run_with_fallback(prob, p, method, causal=causal, need=())
+    _, (loss_, _, _, _) = _with_fallback(_run, prob, p, method, causal=causal, need=())
     return _zero_d(prob, loss_)
 

@@ -64,3 +64,21 @@ def test_diagnose_skips_the_exact_max_when_L_is_large():
     p = make_problem(4, L=9000, d_model=8, d_head=2, d_v=2, r=1, batch=1, score_bound=1.0)
     d = gpulora.diagnose(p.head, p.lora, p.x)
     assert d.max_score is None and "not computed" in str(d)
+
+
+def test_auto_falls_back_to_exact_when_poly_fails_at_run_time(monkeypatch):
+    from gpulora.poly import chain
+
+    def fail(*args, **kwargs):
+        raise chain.PolynomialFailure("injected normaliser failure")
+
+    p = make_problem(5, L=4096, d_model=16, d_head=2, d_v=2, r=2, targets="qv", score_bound=0.5)
+    assert gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="auto").method == "poly"
+    monkeypatch.setattr(chain, "check_normaliser", fail)
+    res = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="auto")
+    assert res.method == "exact" and "fell back" in res.note
+    exact_out = gpulora.forward(p.head, p.lora, p.x, method="exact")
+    assert rel_error(gpulora.forward(p.head, p.lora, p.x, method="auto"), exact_out) == 0
+    assert float(gpulora.loss(p.head, p.lora, p.x, p.y, method="auto")) == float(res.loss)
+    with pytest.raises(gpulora.PolynomialFailure, match="injected"):
+        gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly")

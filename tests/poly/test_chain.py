@@ -8,7 +8,7 @@ import pytest
 import gpulora
 from gpulora.adapters import prepare
 from gpulora.exact.reference import dense_loss_grads, dense_weights
-from gpulora.poly import chain
+from gpulora.poly import causal, chain
 from gpulora.poly.coefficients import _measure, choose
 from gpulora.testing import finite_difference_grads, make_problem, rel_error
 
@@ -92,8 +92,9 @@ def test_float32_input_gets_float64_features_when_rounding_demands():
     assert res.compute_dtype == "float64" and res.grads["q"].B.dtype == np.float32
 
 
+@pytest.mark.parametrize("impl", [chain, causal], ids=["chain", "causal"])
 @pytest.mark.parametrize("M, family", [(8.0, "chebyshev"), (10.0, "taylor"), (6.0, "shifted_taylor")])
-def test_rounding_failure_is_reported_not_silent(M, family):
+def test_rounding_failure_is_reported_not_silent(M, family, impl):
     """A tol-1e-3 polynomial forced into float32 past its precision, all scores at -M (worst cancellation):
     the run-time check raises instead of returning garbage (the public path would have chosen float64)."""
     choice, compute = choose(M, tol=1e-3, family=family, dtype=np.float32)
@@ -103,9 +104,9 @@ def test_rounding_failure_is_reported_not_silent(M, family):
     q[..., 0] = np.sqrt(M)
     v = np.ones((1, 1, L, 2), np.float32)
     with pytest.raises(gpulora.PolynomialFailure, match="rounding"):
-        chain.loss_and_grads(q, -q, v, v, 1.0, choice, np.float32)
+        impl.loss_and_grads(q, -q, v, v, 1.0, choice, np.float32)
     # in the precision the estimate chose, the same input passes
-    chain.loss_and_grads(q, -q, v, v, 1.0, choice, np.float64)
+    impl.loss_and_grads(q, -q, v, v, 1.0, choice, np.float64)
 
 
 def test_normaliser_check_catches_non_positive_rows():

@@ -1,0 +1,260 @@
+"""gpulora.torch: gradients equal torch autograd on the same problem written directly in torch; DLPack is
+zero-copy; the autograd Function, the PEFT mapping and the example work."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="gpulora.torch needs PyTorch")
+gt = pytest.importorskip("gpulora.torch")
+
+from gpulora.testing import rel_error  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _torch_loss(w_q, w_k, w_v, adapters, x, y, *, alpha, heads, beta, causal, softmax_one=False):
+    """The LoRA attention loss written out in torch (explicit max-subtracted softmax / Softmax_1)."""
+    w = {"q": w_q, "k": w_k, "v": w_v}
+    for t, (b, a) in adapters.items():
+        w[t] = w[t] + (alpha / b.shape[1]) * b @ a
+
+    def split(z):  # (..., L, H d) -> (..., H, L, d)
+        return z.reshape(z.shape[:-1] + (heads, z.shape[-1] // heads)).transpose(-2, -3)
+
+    q, k, v = (split(x @ w[t]) for t in "qkv")
+    s = beta * q @ k.transpose(-1, -2)
+    L = s.shape[-1]
+    if causal:
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    if softmax_one:
+        m = m.clamp(min=0)
+    e = torch.exp(s - m)
+    den = e.sum(dim=-1, keepdim=True) + (torch.exp(-m) if softmax_one else 0)
+    o = (e / den) @ v
+    o = o.transpose(-2, -3).reshape(y.shape)
+    return 0.5 * ((o - y) ** 2).sum()
+
+
+def _problem(seed, *, L, d_model, d_head, d_v, r, targets, heads, batch=None, scale=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, s=1.0):
+        return (s * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    lead = () if batch is None else (batch,)
+    x = rand(*lead, L, d_model)
+    x = x / x.norm(dim=-1, keepdim=True)
+    w = {t: rand(d_model, heads * (d_v if t == "v" else d_head), s=scale / d_model**0.5) for t in "qkv"}
+    adapters = {t: (rand(d_model, r, s=d_model**-0.5), rand(r, w[t].shape[1], s=r**-0.5)) for t in targets}
+    y = rand(*lead, L, heads * d_v)
+    return w, adapters, x, y
+
+
+# (L, d_model, d_head, d_v, r, targets, heads, batch, causal)
+CASES = [(L, 8, 4, 3, 2, targets, heads, batch, causal)
+         for causal in (False, True) for targets in ("qv", "qkv") for heads, batch in ((1, None), (2, 2))
+         for L in (13,)]
+IDS = ["L{}-dm{}-dh{}-dv{}-r{}-{}-H{}-b{}-causal{}".format(*c) for c in CASES]
+
+
+def _autograd(w, adapters, x, y, **kw):
+    leaves = {t: (b.clone().requires_grad_(), a.clone().requires_grad_()) for t, (b, a) in adapters.items()}
+    loss = _torch_loss(w["q"], w["k"], w["v"], leaves, x, y, **kw)
+    loss.backward()
+    return loss.detach(), {t: (b.grad, a.grad) for t, (b, a) in leaves.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_exact_gradients_equal_torch_autograd(case):
+    """float64: two orderings of the same sums, so ~1e-14 relative; 1e-10 leaves room for conditioning."""
+    L, d_model, d_head, d_v, r, targets, heads, batch, causal = case
+    w, adapters, x, y = _problem(51, L=L, d_model=d_model, d_head=d_head, d_v=d_v, r=r, targets=targets,
+                                 heads=heads, batch=batch, scale=3.0)
+    beta, alpha = 0.6, 3.0
+    ref_loss, ref = _autograd(w, adapters, x, y, alpha=alpha, heads=heads, beta=beta, causal=causal)
+    res = gt.lora_grad(w["q"], w["k"], w["v"], adapters, x, y, alpha=alpha, heads=heads, beta=beta,
+                       method="exact", causal=causal)
+    assert isinstance(res.loss, torch.Tensor) and res.loss.dtype == torch.float64
+    assert rel_error(res.loss.numpy(), ref_loss.numpy()) < 1e-12
+    for t, (gb, ga) in ref.items():
+        assert isinstance(res.grads[t].B, torch.Tensor) and res.grads[t].B.shape == gb.shape
+        assert rel_error(res.grads[t].B.numpy(), gb.numpy()) < 1e-10, t
+        assert rel_error(res.grads[t].A.numpy(), ga.numpy()) < 1e-10, t
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softmax_one", [False, True])
+def test_poly_gradients_approach_torch_autograd(causal, softmax_one):
+    """Poly at tol 1e-8 on a bounded problem: within 10 tol (gpulora.poly.chain's documented factor)."""
+    w, adapters, x, y = _problem(52, L=40, d_model=8, d_head=4, d_v=4, r=2, targets="qkv", heads=2, batch=2,
+                                 scale=1.0)
+    kw = {"alpha": 2.0, "heads": 2, "beta": 0.5, "causal": causal}
+    _, ref = _autograd(w, adapters, x, y, softmax_one=softmax_one, **kw)
+    res = gt.lora_grad(w["q"], w["k"], w["v"], adapters, x, y, softmax_one=softmax_one, method="poly", tol=1e-8,
+                       **kw)
+    assert res.method == "poly"
+    for t, (gb, ga) in ref.items():
+        assert rel_error(res.grads[t].B.numpy(), gb.numpy()) < 1e-7, t
+        assert rel_error(res.grads[t].A.numpy(), ga.numpy()) < 1e-7, t
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_autograd_function_backward(causal):
+    """attention_loss(...).backward() fills the adapters' .grad with gpulora's gradient (times the
+    upstream gradient), and leaves the frozen tensors alone."""
+    w, adapters, x, y = _problem(53, L=17, d_model=6, d_head=3, d_v=2, r=2, targets="qkv", heads=2, batch=2)
+    kw = {"alpha": 2.0, "heads": 2, "beta": 0.7, "causal": causal}
+    loss_ref, ref = _autograd(w, adapters, x, y, **kw)
+    leaves = {t: (b.clone().requires_grad_(), a.clone().requires_grad_()) for t, (b, a) in adapters.items()}
+    info = {}
+    loss = gt.attention_loss(x, y, w["q"], w["k"], w["v"], leaves, method="exact", info=info, **kw)
+    (3.0 * loss).backward()
+    assert info["method"] == "exact"
+    assert rel_error(loss.detach().numpy(), loss_ref.numpy()) < 1e-12
+    for t, (gb, ga) in ref.items():
+        assert rel_error(leaves[t][0].grad.numpy(), 3.0 * gb.numpy()) < 1e-10
+        assert rel_error(leaves[t][1].grad.numpy(), 3.0 * ga.numpy()) < 1e-10
+    # no adapter requires grad: the loss alone, same value
+    frozen = gt.attention_loss(x, y, w["q"], w["k"], w["v"], adapters, method="exact", **kw)
+    assert not frozen.requires_grad and rel_error(frozen.numpy(), loss_ref.numpy()) < 1e-12
+
+
+def test_autograd_function_refuses_gradients_it_cannot_give():
+    w, adapters, x, y = _problem(54, L=5, d_model=4, d_head=2, d_v=2, r=1, targets="qv", heads=1)
+    leaves = {t: (b.clone().requires_grad_(), a.clone().requires_grad_()) for t, (b, a) in adapters.items()}
+    with pytest.raises(ValueError, match="x require grad"):
+        gt.attention_loss(x.clone().requires_grad_(), y, w["q"], w["k"], w["v"], leaves, alpha=1.0)
+
+
+def test_float32_in_float32_out():
+    w, adapters, x, y = _problem(55, L=9, d_model=6, d_head=3, d_v=3, r=2, targets="qv", heads=1,
+                                 dtype=torch.float32)
+    res = gt.lora_grad(w["q"], w["k"], w["v"], adapters, x, y, alpha=2.0, method="exact")
+    assert res.loss.dtype == torch.float32 and res.grads["v"].A.dtype == torch.float32
+    w64 = {t: a.double() for t, a in w.items()}
+    ad64 = {t: (b.double(), a.double()) for t, (b, a) in adapters.items()}
+    _, ref = _autograd(w64, ad64, x.double(), y.double(), alpha=2.0, heads=1, beta=3**-0.5, causal=False)
+    # float32 against float64: a few hundred ulps of float32 at most on these sizes
+    assert rel_error(res.grads["q"].B.numpy(), ref["q"][0].numpy()) < 1e-4
+
+
+def test_dlpack_is_zero_copy():
+    t = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    a = gt.to_array(t)
+    assert isinstance(a, np.ndarray)
+    assert a.__array_interface__["data"][0] == t.data_ptr()
+    a[1, 2] = -7.0  # writes through: the same memory
+    assert t[1, 2].item() == -7.0
+    wt = gt.to_array(t.T)  # a transposed view (weight.T) stays a view, with swapped strides
+    assert wt.__array_interface__["data"][0] == t.data_ptr() and wt.strides == (8, 32)
+    p = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.float64))  # requires grad: detached, same storage
+    assert gt.to_array(p).__array_interface__["data"][0] == p.data_ptr()
+    back = gt.to_torch(a)
+    assert back.data_ptr() == a.__array_interface__["data"][0]
+
+
+def test_bad_tensors_are_refused():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        gt.to_array(torch.ones(2, 2, dtype=torch.int64), "x")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        gt.to_array(np.ones(2), "x")
+
+
+class _PeftLinear(torch.nn.Module):
+    """The attribute layout and forward of ``peft.tuners.lora.Linear`` (peft is not a test dependency):
+    ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``."""
+
+    def __init__(self, d_in, d_out, r, lora_alpha, g):
+        super().__init__()
+        self.base_layer = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.float64)
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(d_in, r, bias=False, dtype=torch.float64)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(r, d_out, bias=False, dtype=torch.float64)})
+        self.lora_dropout = torch.nn.ModuleDict({"default": torch.nn.Dropout(0.1)})
+        self.scaling = {"default": lora_alpha / r}
+        with torch.no_grad():
+            for p in (self.base_layer.weight, self.lora_A["default"].weight, self.lora_B["default"].weight):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / p.shape[1] ** 0.5)
+        self.base_layer.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](
+            self.lora_dropout["default"](x))) * self.scaling["default"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_peft_layers_map_onto_head_and_lora(causal):
+    """Gradients of PEFT-layout modules by torch autograd (modules' own forward) == peft_backward's."""
+    g = torch.Generator().manual_seed(56)
+    d_model, heads, d_head, L = 8, 2, 3, 11
+    q_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g)
+    k_proj = torch.nn.Linear(d_model, heads * d_head, bias=False, dtype=torch.float64)  # not adapted
+    v_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g)
+    x = torch.randn(2, L, d_model, generator=g, dtype=torch.float64)
+    y = torch.randn(2, L, heads * d_head, generator=g, dtype=torch.float64)
+    for m in (q_proj, k_proj, v_proj):
+        m.eval()
+    k_proj.weight.requires_grad_(False)
+
+    def split(z):
+        return z.reshape(2, L, heads, d_head).transpose(1, 2)
+
+    s = d_head**-0.5 * split(q_proj(x)) @ split(k_proj(x)).transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    o = (torch.softmax(s, dim=-1) @ split(v_proj(x))).transpose(1, 2).reshape(y.shape)
+    (0.5 * ((o - y) ** 2).sum()).backward()
+    want = {t: (m.lora_A["default"].weight.grad.clone(), m.lora_B["default"].weight.grad.clone())
+            for t, m in (("q", q_proj), ("v", v_proj))}
+    for m in (q_proj, v_proj):
+        m.zero_grad(set_to_none=True)
+
+    att = gt.from_peft(q_proj, k_proj, v_proj)
+    assert set(att.adapters) == {"q", "v"} and att.alpha == pytest.approx(8.0)
+    assert att.w_q.data_ptr() == q_proj.base_layer.weight.data_ptr()  # views, no copies
+    res = gt.peft_backward(att, x, y, heads=heads, method="exact", causal=causal)
+    for t, m in (("q", q_proj), ("v", v_proj)):
+        assert rel_error(m.lora_A["default"].weight.grad.numpy(), want[t][0].numpy()) < 1e-10
+        assert rel_error(m.lora_B["default"].weight.grad.numpy(), want[t][1].numpy()) < 1e-10
+    assert res.method == "exact"
+    gt.peft_backward(att, x, y, heads=heads, method="exact", causal=causal)  # accumulates, like backward()
+    assert rel_error(q_proj.lora_A["default"].weight.grad.numpy(), 2 * want["q"][0].numpy()) < 1e-10
+    q_proj.train()
+    with pytest.raises(ValueError, match="dropout"):
+        gt.from_peft(q_proj, k_proj, v_proj)
+
+
+def test_example_trains():
+    """examples/train_lora_torch.py runs and its loss falls."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_lora_torch.py"), "--steps", "30"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    losses = [float(v) for v in re.findall(r"loss ([0-9.eE+-]+)", out.stdout)]
+    assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], out.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_round_trip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device visible to torch")
+    pytest.importorskip("cupy")
+    w, adapters, x, y = _problem(57, L=33, d_model=8, d_head=4, d_v=4, r=2, targets="qkv", heads=2, batch=2)
+    kw = {"alpha": 2.0, "heads": 2, "beta": 0.5, "causal": True}
+    _, ref = _autograd(w, adapters, x, y, **kw)
+    cuda = {t: (b.cuda(), a.cuda()) for t, (b, a) in adapters.items()}
+    arr = gt.to_array(x.cuda())
+    assert type(arr).__module__.startswith("cupy")
+    for method in ("exact", "poly"):
+        res = gt.lora_grad(w["q"].cuda(), w["k"].cuda(), w["v"].cuda(), cuda, x.cuda(), y.cuda(), method=method,
+                           tol=1e-8, **kw)
+        assert res.grads["q"].B.is_cuda
+        for t, (gb, ga) in ref.items():
+            assert rel_error(res.grads[t].B.cpu().numpy(), gb.numpy()) < 1e-7, (method, t)
+            assert rel_error(res.grads[t].A.cpu().numpy(), ga.numpy()) < 1e-7, (method, t)
