@@ -134,8 +134,10 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
         Fix the polynomial degree ``g`` (poly/auto); otherwise the smallest one that meets ``tol``.
     tol : float, optional
         Target max relative error of ``p ~ exp`` on ``[-M, M]`` (``0 < tol < 1``), approximation plus
-        estimated rounding; default ``1e-3``. Adapter gradients then carry relative errors of at most a
-        small multiple of it (``10 tol`` is what the tests hold).
+        estimated rounding; default ``1e-3``. Per-token gradients then carry errors of a small multiple of
+        it; adapter gradients too (``10 tol`` relative is what the tests hold at a few hundred tokens),
+        except where their sum over tokens cancels, which at large ``L`` can amplify the relative error
+        (see :mod:`gpulora.poly.chain`, "Error").
     causal : bool
         Mask ``j > i``.
     family : {"taylor", "shifted_taylor", "chebyshev"}, optional

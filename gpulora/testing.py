@@ -37,6 +37,8 @@ def make_problem(seed=0, *, L=64, d_model=16, d_head=8, d_v=None, r=4, targets="
     exercised. With ``score_bound`` set, ``w_q``/``w_k`` and the q/k adapters are scaled by a common factor
     to hit that bound exactly.
     """
+    if score_bound is not None and not score_bound > 0:
+        raise ValueError(f"score_bound must be a float > 0, got {score_bound!r}")
     rng = np.random.default_rng(seed)
     d_v = d_head if d_v is None else d_v
     lead = () if batch is None else (batch,)

@@ -20,9 +20,13 @@ or ``L x k d_v`` array; it equals the exact-gradient formula of SPEC section 2 e
 (``k = C(d_head + g, g)``; the products are blocked over L, see :mod:`gpulora.poly.products`).
 
 **Error.** If ``|p(s) - e^s| <= tol e^s`` on ``[-M, M]``, every weight of ``F~`` is within a relative
-``2 tol / (1 - tol)`` of ``F``, so ``O~`` is within about ``2 tol`` (relative to ``max|v|``), and the
-gradients, which are bilinear in ``F`` and ``G``, within a small multiple of ``tol``: the tests hold the
-relative Frobenius error of every adapter gradient to ``10 tol`` on bounded problems.
+``2 tol / (1 - tol)`` of ``F``, so ``O~`` is within about ``2 tol`` (relative to ``max|v|``), and ``dQ``,
+``dK``, ``dV`` row by row within a small multiple of ``tol`` of the magnitudes they are summed from. The
+adapter gradients ``x^T dQ`` etc. sum over tokens, and where the exact sum cancels the error need not:
+measured at M = 0.25, tol 1e-3, unit-norm zero-mean ``x``, the relative error of ``dV`` stays 1.2e-4..2.2e-4
+for L = 512..8192 while that of ``dW_v`` grows 4.9e-4 -> 3.6e-3, because ``||x^T dV||`` shrinks to 1.4 %
+of ``|| |x|^T |dV| ||`` (the error against that magnitude stays 3e-5..5e-5). The tests hold every adapter
+gradient to ``10 tol`` relative on bounded problems of a few hundred tokens.
 
 **Run-time checks.** The degree and precision are chosen a priori so that rounding stays within ``tol``
 (:mod:`gpulora.poly.coefficients`). Two checks verify it a posteriori and raise :class:`PolynomialFailure`
