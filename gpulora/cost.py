@@ -10,15 +10,36 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["RATES", "estimate_seconds", "exact_flops", "log_threshold", "poly_flops"]
+__all__ = [
+    "RATES",
+    "estimate_seconds",
+    "exact_flops",
+    "feature_map_bytes",
+    "feature_map_flops",
+    "kron_contract_bytes",
+    "kron_contract_flops",
+    "kron_readout_bytes",
+    "kron_readout_flops",
+    "log_threshold",
+    "poly_flops",
+]
 
-# Effective flop rates (flop/s) of each path as a whole (GEMMs plus the elementwise work, Python loop
-# overhead included), fitted on the asv sizes of BENCHMARKS.md. numpy: the 2-core x86-64 CI machine,
-# NumPy 2.4 with OpenBLAS. cupy: not measured yet (no GPU was lent when this was written); the CPU ratio
-# between the methods is reused, which keeps "auto" choosing by operation count.
+# Effective flop rates (flop/s) of each path as a whole: the counts of exact_flops / poly_flops divided by
+# the measured median time, GEMMs, elementwise passes and Python overhead all included. Only their ratio
+# matters for method="auto".
+# numpy: measured by the asv suite (GPULORA_BENCH_FULL=1, the command and tables in BENCHMARKS.md) on the
+#   2-core x86-64 machine (Intel Xeon, NumPy 2 with OpenBLAS), float64, targets qkv, d_v = d_head:
+#   exact = median over d_head {4, 8, 16} of the rate at L = 16384 (3.7 / 6.6 / 11.6 GFLOP/s: the
+#   elementwise softmax passes over L^2 scores, not the d_head-proportional GEMMs, dominate there);
+#   poly = median over d_head {4, 8, 16} x g {2, 4} at L = 65536 (2.6 .. 36 GFLOP/s: small k is bound by
+#   elementwise passes and the NumPy feature-map gathers, large k by the BLAS). With these two numbers
+#   "auto" picks the faster method at 29 of the 30 measured points of that grid (BENCHMARKS.md).
+# cupy: NOT MEASURED (no GPU has been lent to this project yet). The NumPy values are reused only so that
+#   "auto" still chooses by operation count on a GPU; replace them with measured CuPy rates (see the GPU
+#   section of BENCHMARKS.md for what to measure).
 RATES = {
-    "numpy": {"exact": 9.0e9, "poly": 6.0e9},
-    "cupy": {"exact": 9.0e9, "poly": 6.0e9},
+    "numpy": {"exact": 6.6e9, "poly": 1.1e10},
+    "cupy": {"exact": 6.6e9, "poly": 1.1e10},
 }
 # Elementwise work per score in the exact path (scale, mask, max, exp, normalise, P): flop-equivalents.
 _EXACT_ELEMENTWISE = 12
@@ -54,3 +75,38 @@ def estimate_seconds(flops: float, backend: str, method: str) -> float:
 def log_threshold(L: int) -> float:
     """``sqrt(log L)``: the scale of the entry bound below which almost-linear time is possible."""
     return math.sqrt(math.log(max(L, 2)))
+
+
+def feature_map_flops(L: int, k: int) -> float:
+    """Flops of one scaled monomial feature map of ``L`` rows: one multiply to build each of the ``k``
+    columns from its parent and one to scale it, ``2 L k``."""
+    return 2.0 * L * k
+
+
+def feature_map_bytes(L: int, d: int, k: int, itemsize: int) -> float:
+    """Compulsory memory traffic of one feature map: read ``z (L, d)`` and the ``k`` scales, write
+    ``phi (L, k)``. The throughput it gives (bytes / time) is comparable with the copy bandwidth; the NumPy
+    reference moves about three times as much (every column reads its parent column and one of ``z``)."""
+    return float(itemsize) * (L * d + k + L * k)
+
+
+def kron_contract_flops(L: int, k: int, p: int, q: int) -> float:
+    """Flops of ``T = Psi^T (A (x) B)`` (``gpulora.poly.products.kron_contract``): ``2 L k p q``."""
+    return 2.0 * L * k * p * q
+
+
+def kron_contract_bytes(L: int, k: int, p: int, q: int, itemsize: int) -> float:
+    """Compulsory traffic of ``kron_contract``: read ``psi (L, k)``, ``a (L, p)``, ``b (L, q)``, write
+    ``T (k, p, q)``."""
+    return float(itemsize) * (L * (k + p + q) + k * p * q)
+
+
+def kron_readout_flops(L: int, k: int, p: int, q: int) -> float:
+    """Flops of ``(U (x) A) . T`` (``gpulora.poly.products.kron_readout``): ``2 L k p q + 2 L p q``."""
+    return 2.0 * L * k * p * q + 2.0 * L * p * q
+
+
+def kron_readout_bytes(L: int, k: int, p: int, q: int, itemsize: int) -> float:
+    """Compulsory traffic of ``kron_readout``: read ``u (L, k)``, ``a (L, p)``, ``T (k, p, q)``, write
+    ``out (L, q)``."""
+    return float(itemsize) * (L * (k + p + q) + k * p * q)

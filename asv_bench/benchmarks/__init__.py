@@ -1,0 +1,1 @@
+"""asv benchmarks of gpulora (see BENCHMARKS.md at the repository root)."""

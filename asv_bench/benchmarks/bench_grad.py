@@ -1,0 +1,178 @@
+"""``gpulora.lora_grad``: exact vs polynomial method, time, memory, throughput and accuracy."""
+
+from __future__ import annotations
+
+import gpulora
+from gpulora.poly.monomials import feature_dim
+from gpulora import backend, cost
+from gpulora.testing import rel_error
+
+from .common import (BACKENDS, EXACT_MAX_L, Benchmark, best_seconds, grid, peak_alloc_mib, problem,
+                     setup, warm_up)  # noqa: F401  (setup: the module-level asv hook, seeding)
+
+# Default grid (regression tracking, ~1 min): one length per class, both targets and dtypes. The full grid
+# (GPULORA_BENCH_FULL=1) is the scaling study of BENCHMARKS.md: qkv, float64, every L and d_head.
+LENGTHS = grid([4096], [1024, 2048, 4096, 8192, 16384, 32768, 65536])
+EXACT_LENGTHS = grid([1024, 4096], [L for L in LENGTHS if L <= EXACT_MAX_L])
+ERROR_LENGTHS = grid([1024], EXACT_LENGTHS)
+D_HEADS = grid([8], [4, 8, 16])
+DEGREES = grid([2, 4], [2, 4])
+TARGETS = grid(["qv", "qkv"], ["qkv"])
+DTYPES = grid(["float32", "float64"], ["float64"])
+
+
+def _max_rel_error(result, reference) -> float:
+    """Largest relative Frobenius error over every adapter's ``B`` and ``A`` gradient."""
+    return max(max(rel_error(result.grads[t].B, reference.grads[t].B),
+                   rel_error(result.grads[t].A, reference.grads[t].A)) for t in reference.grads)
+
+
+class ExactGrad(Benchmark):
+    """Exact (blocked, ``O(L^2)``) loss and adapter gradients."""
+
+    params = [BACKENDS, EXACT_LENGTHS, D_HEADS, TARGETS, DTYPES]
+    param_names = ["backend", "L", "d_head", "targets", "dtype"]
+
+    def setup(self, backend_name, L, d_head, targets, dtype):
+        xp = self.setup_backend(backend_name)
+        self.prob = problem(xp, L, d_head, targets, dtype)
+        warm_up(xp, d_head, targets, dtype, method="exact")
+        self.flops = cost.exact_flops(L, d_head, d_head, tuple(targets))
+
+    def _run(self):
+        p = self.prob
+        return gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="exact")
+
+    def time_lora_grad(self, *params):
+        self._run()
+        backend.synchronize()
+
+    def peakmem_lora_grad(self, *params):
+        self._run()
+
+    def track_gflops_lora_grad(self, *params):
+        return self.flops / best_seconds(self._run) / 1e9
+
+    track_gflops_lora_grad.unit = "GFLOP/s"
+
+
+class PolyGrad(Benchmark):
+    """Polynomial method (chained low-rank gradient) at a fixed degree; the family is chosen by gpulora."""
+
+    params = [BACKENDS, LENGTHS, D_HEADS, DEGREES, TARGETS, DTYPES]
+    param_names = ["backend", "L", "d_head", "degree", "targets", "dtype"]
+
+    def setup(self, backend_name, L, d_head, degree, targets, dtype):
+        xp = self.setup_backend(backend_name)
+        self.prob = problem(xp, L, d_head, targets, dtype)
+        warm_up(xp, d_head, targets, dtype, method="poly", degree=degree)
+        self.degree = degree
+        k = feature_dim(d_head, degree)
+        self.flops = cost.poly_flops(L, d_head, d_head, k, tuple(targets))
+
+    def _run(self):
+        p = self.prob
+        return gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=self.degree)
+
+    def time_lora_grad(self, *params):
+        self._run()
+        backend.synchronize()
+
+    def peakmem_lora_grad(self, *params):
+        self._run()
+
+    def track_gflops_lora_grad(self, *params):
+        return self.flops / best_seconds(self._run) / 1e9
+
+    track_gflops_lora_grad.unit = "GFLOP/s"
+
+    def track_alloc_lora_grad(self, *params):
+        return peak_alloc_mib(self._run)
+
+    track_alloc_lora_grad.unit = "MiB"
+
+
+class PolyError(Benchmark):
+    """Accuracy bought with the speed: poly against exact on the same problem (``L <= EXACT_MAX_L``)."""
+
+    params = [BACKENDS, ERROR_LENGTHS, D_HEADS, DEGREES, TARGETS, DTYPES]
+    param_names = ["backend", "L", "d_head", "degree", "targets", "dtype"]
+
+    def setup(self, backend_name, L, d_head, degree, targets, dtype):
+        self.prob = problem(self.setup_backend(backend_name), L, d_head, targets, dtype)
+        self.degree = degree
+
+    def track_rel_error_poly_vs_exact(self, *params):
+        p = self.prob
+        exact = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="exact")
+        poly = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=self.degree)
+        return _max_rel_error(poly, exact)
+
+    track_rel_error_poly_vs_exact.unit = "relative error"
+
+
+class CausalPolyGrad(Benchmark):
+    """Causal polynomial method (``gpulora.poly.causal``, chunked prefix sums); skipped until it exists."""
+
+    params = [BACKENDS, LENGTHS, D_HEADS, DEGREES, DTYPES]
+    param_names = ["backend", "L", "d_head", "degree", "dtype"]
+
+    def setup(self, backend_name, L, d_head, degree, dtype):
+        try:
+            import gpulora.poly.causal  # noqa: F401
+        except ImportError as err:
+            raise NotImplementedError(f"gpulora.poly.causal is not available ({err})") from None
+        xp = self.setup_backend(backend_name)
+        self.prob = problem(xp, L, d_head, "qkv", dtype)
+        warm_up(xp, d_head, "qkv", dtype, method="poly", degree=degree, causal=True)
+        self.degree = degree
+        self.L = L
+
+    def _run(self):
+        p = self.prob
+        return gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=self.degree, causal=True)
+
+    def time_lora_grad(self, *params):
+        self._run()
+        backend.synchronize()
+
+    def peakmem_lora_grad(self, *params):
+        self._run()
+
+    def track_rel_error_poly_vs_exact(self, *params):
+        if self.L > EXACT_MAX_L:
+            return float("nan")  # the exact reference is not affordable here
+        p = self.prob
+        exact = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="exact", causal=True)
+        return _max_rel_error(self._run(), exact)
+
+    track_rel_error_poly_vs_exact.unit = "relative error"
+
+
+class DeviceMemory(Benchmark):
+    """Bytes the CuPy memory pool holds after one call (its high-water mark, since the pool keeps freed
+    blocks); ``peakmem_`` sees host memory only. CuPy only."""
+
+    params = [BACKENDS, grid([4096], [4096, 16384, 65536]), D_HEADS, DEGREES, ["exact", "poly"]]
+    param_names = ["backend", "L", "d_head", "degree", "method"]
+
+    def setup(self, backend_name, L, d_head, degree, method):
+        if backend_name != "cupy":
+            raise NotImplementedError("device memory is tracked on the CuPy backend only")
+        if method == "exact" and (L > EXACT_MAX_L or degree != DEGREES[0]):
+            raise NotImplementedError("exact: L <= EXACT_MAX_L, and it does not depend on the degree")
+        xp = self.setup_backend(backend_name)
+        self.prob = problem(xp, L, d_head, "qkv", "float32")
+        self.kwargs = {"method": method, "degree": degree if method == "poly" else None}
+        self.pool = xp.get_default_memory_pool()
+
+    def track_device_memory(self, *params):
+        p = self.prob
+        backend.synchronize()
+        self.pool.free_all_blocks()
+        before = self.pool.total_bytes()
+        gpulora.lora_grad(p.head, p.lora, p.x, p.y, **self.kwargs)
+        backend.synchronize()
+        return (self.pool.total_bytes() - before) / 2**20
+
+    track_device_memory.unit = "MiB"

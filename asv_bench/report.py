@@ -1,0 +1,277 @@
+"""Turn one asv results file of the gpulora suite into the markdown tables of BENCHMARKS.md.
+
+Usage (from the repository root)::
+
+    python asv_bench/report.py [RESULTS_JSON] [--out FILE]
+
+``RESULTS_JSON`` defaults to the newest results file under ``asv_bench/results/``. Reads the
+``bench_grad`` (ExactGrad, PolyGrad, PolyError), ``bench_torch`` (TorchGrad) results at ``backend=numpy``,
+``targets=qkv``, ``dtype=float64`` and prints: time over L for exact, PyTorch and poly with the poly error
+beside it; time ratios when L quadruples; least-squares scaling exponents (log time on log L); the
+crossover ``L*`` where poly becomes faster than exact; peak memory; effective flop rates (flops from
+:mod:`gpulora.cost` over the measured median time); and the acceptance checks of issue 5. Nothing here is
+measured or hard-coded: every figure comes from the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+
+from gpulora import cost
+from gpulora.poly.monomials import feature_dim
+
+HERE = pathlib.Path(__file__).resolve().parent
+SEL = {"backend": "numpy", "targets": "qkv", "dtype": "float64"}
+ACCEPT_L, ACCEPT_D, ACCEPT_G = 65536, 4, 4  # memory acceptance point (issue 5)
+SPEEDUP_L, SPEEDUP_D = 8192, 4
+
+
+def load(path):
+    """``{benchmark: {params dict as a sorted tuple: (value, q25, q75)}}`` from an asv results file."""
+    data = json.loads(pathlib.Path(path).read_text())
+    cols = data["result_columns"]
+    out = {}
+    for name, row in data["results"].items():
+        row = row + [None] * (len(cols) - len(row))
+        rec = dict(zip(cols, row))
+        params = [[ast.literal_eval(v) for v in p] for p in rec["params"]]
+        names = _param_names(name, len(params))
+        q25 = rec.get("stats_q_25") or [None] * len(rec["result"])
+        q75 = rec.get("stats_q_75") or [None] * len(rec["result"])
+        table = {}
+        for combo, value, a, b in zip(itertools.product(*params), rec["result"], q25, q75):
+            table[tuple(sorted(zip(names, combo)))] = (value, a, b)
+        out[name] = table
+    return data, out
+
+
+_NAMES = {
+    "ExactGrad": ["backend", "L", "d_head", "targets", "dtype"],
+    "TorchGrad": ["backend", "L", "d_head", "targets", "dtype"],
+    "PolyGrad": ["backend", "L", "d_head", "degree", "targets", "dtype"],
+    "PolyError": ["backend", "L", "d_head", "degree", "targets", "dtype"],
+}
+
+
+def _param_names(name, n):
+    cls = name.split(".")[-2]
+    names = _NAMES.get(cls)
+    return names if names and len(names) == n else [f"p{i}" for i in range(n)]
+
+
+def get(res, bench, **kw):
+    """Median (or tracked value) of ``bench`` at ``SEL`` updated with ``kw``; None if absent or skipped."""
+    want = {**SEL, **kw}
+    for key, (value, _, _) in res.get(bench, {}).items():
+        d = dict(key)
+        if all(d.get(k, v) == v for k, v in want.items()) and value is not None:
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            return value
+    return None
+
+
+def axis(res, bench, name):
+    vals = set()
+    for key in res.get(bench, {}):
+        d = dict(key)
+        if all(d.get(k, v) == v for k, v in SEL.items()):
+            vals.add(d[name])
+    return sorted(vals)
+
+
+def fit(Ls, ts):
+    """Least-squares slope and intercept of ``log t`` on ``log L`` (None with fewer than 2 points)."""
+    pts = [(math.log(L), math.log(t)) for L, t in zip(Ls, ts) if t]
+    if len(pts) < 2:
+        return None
+    x, y = np.array(pts).T
+    slope, icept = np.polyfit(x, y, 1)
+    return float(slope), float(icept)
+
+
+def fmt_t(t):
+    if t is None:
+        return "–"
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def fmt(x, spec=".3g", none="–"):
+    return none if x is None else format(x, spec)
+
+
+T_EXACT, T_POLY, T_TORCH = ("bench_grad.ExactGrad.time_lora_grad", "bench_grad.PolyGrad.time_lora_grad",
+                            "bench_torch.TorchGrad.time_lora_grad")
+ERR = "bench_grad.PolyError.track_rel_error_poly_vs_exact"
+MEM_POLY, MEM_EXACT = "bench_grad.PolyGrad.peakmem_lora_grad", "bench_grad.ExactGrad.peakmem_lora_grad"
+ALLOC_POLY = "bench_grad.PolyGrad.track_alloc_lora_grad"
+
+
+def report(data, res) -> str:
+    lines = []
+    w = lines.append
+    m = data.get("params", {})
+    info = ", ".join(str(m[k]) for k in ("cpu", "num_cpu", "ram", "os") if m.get(k))
+    w(f"asv machine `{m.get('machine', '?')}`" + (f" ({info})" if info else "") +
+      f", commit `{str(data.get('commit_hash'))[:10]}`, env `{data.get('env_name')}`; "
+      f"backend numpy, targets qkv, float64, d_model 16, r 4, d_v = d_head, score bound M = 1. Times are asv "
+      "medians of 3..10 samples (one call each); the machine was shared with other jobs, so expect "
+      "±20 % noise, more on the largest calls.\n")
+    Ls = axis(res, T_POLY, "L")
+    ds = axis(res, T_POLY, "d_head")
+    gs = axis(res, T_POLY, "degree")
+    summary = []
+    for d, g in itertools.product(ds, gs):
+        k = feature_dim(d, g)
+        w(f"\n#### d_head = {d}, degree g = {g} (k = {k} features)\n")
+        w("| L | exact | PyTorch SDPA | poly | exact / poly | poly rel. error | poly t(L) / t(L/4) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|")
+        te, tt, tp = {}, {}, {}
+        for L in Ls:
+            te[L] = get(res, T_EXACT, L=L, d_head=d)
+            tt[L] = get(res, T_TORCH, L=L, d_head=d)
+            tp[L] = get(res, T_POLY, L=L, d_head=d, degree=g)
+            err = get(res, ERR, L=L, d_head=d, degree=g)
+            ratio = tp[L] / tp[L // 4] if tp.get(L // 4) and tp[L] else None
+            sp = te[L] / tp[L] if te[L] and tp[L] else None
+            w(f"| {L} | {fmt_t(te[L])} | {fmt_t(tt[L])} | {fmt_t(tp[L])} | {fmt(sp, '.3g')} | "
+              f"{fmt(err, '.2e')} | {fmt(ratio, '.2f')} |")
+        fe = fit(*zip(*[(L, t) for L, t in te.items() if t])) if any(te.values()) else None
+        ft = fit(*zip(*[(L, t) for L, t in tt.items() if t])) if any(tt.values()) else None
+        fp = fit(*zip(*[(L, t) for L, t in tp.items() if t])) if any(tp.values()) else None
+        big = [(L, t) for L, t in tp.items() if t and L >= 8192]
+        fp_big = fit(*zip(*big)) if len(big) >= 2 else None
+        ratios = [tp[L] / tp[L // 4] for L in Ls if tp.get(L // 4) and tp.get(L)]
+        # crossover: first measured L where poly < exact, and the intersection of the two fitted power laws
+        measured = [L for L in Ls if te.get(L) and tp.get(L) and tp[L] < te[L]]
+        first = measured[0] if measured else None
+        slower = [L for L in Ls if te.get(L) and tp.get(L) and tp[L] >= te[L]]
+        star = None
+        if fe and fp and fe[0] != fp[0]:
+            star = math.exp((fp[1] - fe[1]) / (fe[0] - fp[0]))
+        summary.append((d, g, k, fe, ft, fp, fp_big, ratios, first, slower, star))
+    w("\n#### Scaling and crossover\n")
+    w("Exponents: least squares of log time on log L over every measured L (exact and PyTorch: "
+      "L <= 16384; poly: all L, and L >= 8192 alone). L*: the intersection of the fitted exact and poly "
+      "power laws (an extrapolation where it lies outside the measured range), beside what was measured.\n")
+    w("| d_head | g | k | exact exp. | PyTorch exp. | poly exp. (all L) | poly exp. (L >= 8192) | "
+      "poly t(4L)/t(L): mean, max | L* (fit) | measured |")
+    w("|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
+    for d, g, k, fe, ft, fp, fp_big, ratios, first, slower, star in summary:
+        rr = f"{np.exp(np.mean(np.log(ratios))):.2f}, {max(ratios):.2f}" if ratios else "–"
+        if first is not None and not [L for L in slower if L > first]:
+            meas = f"poly faster from L = {first}" + (f" (slower at {max(slower)})" if slower else
+                                                      " (every measured L)")
+        elif first is not None:
+            meas = f"mixed: faster at {first}, slower at {[L for L in slower if L > first]}"
+        else:
+            meas = f"poly slower at every L <= {max(slower)}" if slower else "–"
+        w(f"| {d} | {g} | {k} | {fmt(fe and fe[0], '.2f')} | {fmt(ft and ft[0], '.2f')} | "
+          f"{fmt(fp and fp[0], '.2f')} | {fmt(fp_big and fp_big[0], '.2f')} | {rr} | "
+          f"{fmt(star, '.3g')} | {meas} |")
+
+    w("\n#### Peak memory of poly (host)\n")
+    w("`peakmem` is asv's peak RSS of the benchmark process (interpreter, NumPy, gpulora and the inputs "
+      "included); `alloc` is the peak of what the call itself allocates (tracemalloc).\n")
+    w("| d_head | g | L | peakmem (RSS) | alloc of the call | exact peakmem (RSS) |")
+    w("|---:|---:|---:|---:|---:|---:|")
+    for d, g in itertools.product(ds, gs):
+        for L in (Ls[-1],) if Ls else ():
+            pm = get(res, MEM_POLY, L=L, d_head=d, degree=g)
+            al = get(res, ALLOC_POLY, L=L, d_head=d, degree=g)
+            Le = max([x for x in axis(res, MEM_EXACT, "L")] or [None])
+            em = get(res, MEM_EXACT, L=Le, d_head=d) if Le else None
+            w(f"| {d} | {g} | {L} | {fmt(pm and pm / 2**20, '.0f')} MiB | {fmt(al, '.1f')} MiB | "
+              f"{fmt(em and em / 2**20, '.0f')} MiB (L = {Le}) |")
+
+    w("\n#### Effective rates (flops of gpulora/cost.py over the median time, at the largest L)\n")
+    w("| d_head | g | exact GFLOP/s (L) | poly GFLOP/s (L) |")
+    w("|---:|---:|---:|---:|")
+    rates = {"exact": [], "poly": []}
+    for d, g in itertools.product(ds, gs):
+        k = feature_dim(d, g)
+        Le = max([L for L in Ls if get(res, T_EXACT, L=L, d_head=d)] or [0])
+        Lp = max([L for L in Ls if get(res, T_POLY, L=L, d_head=d, degree=g)] or [0])
+        re_ = cost.exact_flops(Le, d, d) / get(res, T_EXACT, L=Le, d_head=d) if Le else None
+        rp = cost.poly_flops(Lp, d, d, k) / get(res, T_POLY, L=Lp, d_head=d, degree=g) if Lp else None
+        if re_ and g == gs[0]:
+            rates["exact"].append(re_)
+        if rp:
+            rates["poly"].append(rp)
+        w(f"| {d} | {g} | {fmt(re_ and re_ / 1e9, '.2f')} ({Le}) | {fmt(rp and rp / 1e9, '.2f')} ({Lp}) |")
+    for meth, vals in rates.items():
+        if vals:
+            w(f"\n{meth}: median {np.median(vals) / 1e9:.2f} GFLOP/s over {len(vals)} configurations "
+              f"(min {min(vals) / 1e9:.2f}, max {max(vals) / 1e9:.2f}).")
+
+    w("\n#### method=\"auto\" check: cost.RATES against these measurements\n")
+    rn = cost.RATES["numpy"]
+    agree, wrong = 0, []
+    for d, g in itertools.product(ds, gs):
+        k = feature_dim(d, g)
+        for L in Ls:
+            te, tp = get(res, T_EXACT, L=L, d_head=d), get(res, T_POLY, L=L, d_head=d, degree=g)
+            if not (te and tp):
+                continue
+            pred = "poly" if cost.poly_flops(L, d, d, k) / rn["poly"] < cost.exact_flops(L, d, d) / rn["exact"] else "exact"
+            if pred == ("poly" if tp < te else "exact"):
+                agree += 1
+            else:
+                wrong.append(f"d_head {d}, g {g}, L {L}: predicted {pred} (measured exact {fmt_t(te)}, "
+                             f"poly {fmt_t(tp)})")
+    w(f"With RATES[\"numpy\"] = {rn}, the cheaper method is predicted correctly at {agree} of "
+      f"{agree + len(wrong)} measured points" + (": wrong at " + "; ".join(wrong) + "." if wrong else "."))
+
+    w("\n#### Acceptance (issue 5)\n")
+    ratios_all = {(d, g): r for d, g, _, _, _, _, _, r, _, _, _ in summary}
+    for label, keep in ((f"d_head = {SPEEDUP_D}", lambda d: d == SPEEDUP_D), ("every d_head", lambda d: True)):
+        worst = max(((max(r), d, g) for (d, g), r in ratios_all.items() if r and keep(d)), default=None)
+        if worst:
+            w(f"- 4x longer sequences cost at most ~6x time for poly ({label}): worst t(4L)/t(L) = "
+              f"{worst[0]:.2f} (d_head {worst[1]}, g {worst[2]}) -> {'met' if worst[0] <= 6 else 'MISSED'}.")
+    te8, = [get(res, T_EXACT, L=SPEEDUP_L, d_head=SPEEDUP_D)]
+    for g in gs:
+        tp8 = get(res, T_POLY, L=SPEEDUP_L, d_head=SPEEDUP_D, degree=g)
+        if te8 and tp8:
+            w(f"- poly several times faster than exact at L = {SPEEDUP_L}, d_head = {SPEEDUP_D}, g = {g}: "
+              f"{te8 / tp8:.3g}x -> {'met' if te8 / tp8 >= 3 else 'MISSED'}.")
+    pm = get(res, MEM_POLY, L=ACCEPT_L, d_head=ACCEPT_D, degree=ACCEPT_G)
+    al = get(res, ALLOC_POLY, L=ACCEPT_L, d_head=ACCEPT_D, degree=ACCEPT_G)
+    if pm:
+        w(f"- peak memory at L = {ACCEPT_L} (d_head {ACCEPT_D}, g {ACCEPT_G}) under 512 MiB: peak RSS "
+          f"{pm / 2**20:.0f} MiB (call's own allocations {fmt(al, '.1f')} MiB) -> "
+          f"{'met' if pm < 512 * 2**20 else 'MISSED'}.")
+    return "\n".join(lines) + "\n"
+
+
+def newest_results():
+    files = [p for p in (HERE / "results").glob("*/*.json") if p.name != "machine.json"]
+    if not files:
+        sys.exit("no asv results under asv_bench/results/: run asv first (see BENCHMARKS.md)")
+    return max(files, key=lambda p: p.stat().st_mtime)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="?", help="asv results JSON (default: the newest)")
+    ap.add_argument("--out", help="write the markdown here instead of stdout")
+    args = ap.parse_args(argv)
+    data, res = load(args.results or newest_results())
+    text = report(data, res)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
