@@ -14,6 +14,7 @@ __all__ = [
     "RATES",
     "estimate_seconds",
     "exact_flops",
+    "exact_seconds",
     "feature_map_bytes",
     "feature_map_flops",
     "kron_contract_bytes",
@@ -22,6 +23,7 @@ __all__ = [
     "kron_readout_flops",
     "log_threshold",
     "poly_flops",
+    "poly_seconds",
 ]
 
 # Effective flop rates (flop/s) of each path as a whole: the counts of exact_flops / poly_flops divided by
@@ -55,8 +57,12 @@ def exact_flops(L: int, d_head: int, d_v: int, targets=("q", "k", "v"), *, causa
     return float(L) * L * per_score * (0.5 if causal else 1.0)
 
 
-def poly_flops(L: int, d_head: int, d_v: int, k: int, targets=("q", "k", "v")) -> float:
-    """Flops of the chained polynomial gradient for one head with ``k`` features: ``O(L k d_v d_head)``."""
+def poly_flops(L: int, d_head: int, d_v: int, k: int, targets=("q", "k", "v"), *, causal=False) -> float:
+    """Flops of the chained polynomial gradient for one head with ``k`` features: ``O(L k d_v d_head)``.
+
+    ``causal`` adds the dense masked work inside the chunks of :mod:`gpulora.poly.causal`, about
+    ``2 L C (k + 3 d_v + 2 d_head)`` with its default chunk size ``C``.
+    """
     t = set(targets)
     f = 2 * L * k + 3 * L * k + 4 * L * k * d_v  # two feature maps, D and U, O~
     if "v" in t:
@@ -64,12 +70,30 @@ def poly_flops(L: int, d_head: int, d_v: int, k: int, targets=("q", "k", "v")) -
     for side in ("q", "k"):
         if side in t:
             f += 4 * L * k * d_v * d_head + 2 * L * d_v * d_head + 4 * L * k * d_head
+    if causal:
+        from .poly.causal import chunk_size
+
+        f += 2 * L * chunk_size(L, k, d_head, d_v) * (k + 3 * d_v + 2 * d_head)
     return float(f)
 
 
 def estimate_seconds(flops: float, backend: str, method: str) -> float:
     """``flops`` divided by the effective rate of ``method`` on ``backend`` ("numpy" or "cupy")."""
     return flops / RATES[backend][method]
+
+
+def exact_seconds(L: int, d_head: int, d_v: int, targets=("q", "k", "v"), *, backend="numpy",
+                  causal=False) -> float:
+    """Modelled time of the exact loss and gradients for one head."""
+    return estimate_seconds(exact_flops(L, d_head, d_v, targets, causal=causal), backend, "exact")
+
+
+def poly_seconds(L: int, d_head: int, d_v: int, k: int, targets=("q", "k", "v"), *, backend="numpy",
+                 causal=False, float64_features=False) -> float:
+    """Modelled time of the polynomial gradient for one head; float64 features (for float32 inputs whose
+    rounding demands them) cost about twice as much."""
+    t = estimate_seconds(poly_flops(L, d_head, d_v, k, targets, causal=causal), backend, "poly")
+    return 2 * t if float64_features else t
 
 
 def log_threshold(L: int) -> float:

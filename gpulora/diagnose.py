@@ -142,7 +142,7 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     name = "cupy" if backend.is_cupy(q) else "numpy"
     targets = lora.targets
     e_flops = lead * cost.exact_flops(L, d_head, d_v, targets, causal=causal)
-    e_sec = cost.estimate_seconds(e_flops, name, "exact")
+    e_sec = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
     notes = []
     dtype = np.dtype(q.dtype)
     try:
@@ -152,8 +152,10 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
         notes.append(str(err))
     p_flops = p_sec = None
     if choice is not None:
-        p_flops = lead * cost.poly_flops(L, d_head, d_v, choice.features(d_head), targets)
-        p_sec = cost.estimate_seconds(p_flops, name, "poly") * (2 if compute != dtype else 1)
+        k = choice.features(d_head)
+        p_flops = lead * cost.poly_flops(L, d_head, d_v, k, targets, causal=causal)
+        p_sec = lead * cost.poly_seconds(L, d_head, d_v, k, targets, backend=name, causal=causal,
+                                         float64_features=compute != dtype)
         if compute != dtype:
             notes.append(f"float32 rounding of the polynomial (~{choice.rounding_error(dtype):.2g}) exceeds tol: "
                          f"its features are computed in float64")
@@ -167,8 +169,6 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
                      "(QK-norm with a small fixed temperature, small d_head, normalised inputs)")
     if m > 6 and dtype == np.float32:
         notes.append("float32 holds the polynomial to tol 1e-3 only up to M about 6 (float64 to about 15)")
-    if causal:
-        notes.append("causal masking halves the exact cost; poly costs are for the non-causal chain")
     return Diagnosis(
         L=L, batch=batch, heads=heads, d_head=d_head, d_v=d_v, beta=prob.beta, dtype=str(dtype),
         bound=m, max_score=max_score, threshold=threshold, log_L=log_L,

@@ -67,11 +67,9 @@ def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targ
     lead, L = math.prod(prob.q.shape[:2]), prob.q.shape[-2]
     d_head, d_v = prob.q.shape[-1], prob.v.shape[-1]
     name = "cupy" if backend.is_cupy(prob.q) else "numpy"
-    t_exact = lead * cost.estimate_seconds(cost.exact_flops(L, d_head, d_v, targets, causal=causal), name, "exact")
-    t_poly = lead * cost.estimate_seconds(
-        cost.poly_flops(L, d_head, d_v, choice.features(d_head), targets), name, "poly")
-    if compute != dtype:  # float64 features for float32 inputs cost about twice as much
-        t_poly *= 2
+    t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
+    t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=name,
+                                      causal=causal, float64_features=compute != dtype)
     winner = "poly" if t_poly < t_exact else "exact"
     note = (f"auto: estimated exact {t_exact:.3g} s vs poly {t_poly:.3g} s (degree {choice.degree} "
             f"{choice.family}, k = {choice.features(d_head)}): ran {winner}")

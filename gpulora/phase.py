@@ -194,10 +194,8 @@ def _poly_choice(bound, tol, dtype):
 
 
 def _model_seconds(L, d_head, d_v, k, targets, name, upcast):
-    te = cost.estimate_seconds(cost.exact_flops(L, d_head, d_v, targets), name, "exact")
-    tp = None
-    if k is not None:  # float64 features for float32 inputs cost about twice as much (as in method="auto")
-        tp = cost.estimate_seconds(cost.poly_flops(L, d_head, d_v, k, targets), name, "poly") * (2 if upcast else 1)
+    te = cost.exact_seconds(L, d_head, d_v, targets, backend=name)
+    tp = None if k is None else cost.poly_seconds(L, d_head, d_v, k, targets, backend=name, float64_features=upcast)
     return te, tp
 
 

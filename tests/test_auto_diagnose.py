@@ -34,6 +34,9 @@ def test_cost_model_scales_as_stated():
     assert cost.poly_flops(4096, 8, 8, 45) / cost.poly_flops(1024, 8, 8, 45) == pytest.approx(4)
     assert cost.exact_flops(1024, 8, 8, causal=True) == pytest.approx(cost.exact_flops(1024, 8, 8) / 2)
     assert cost.poly_flops(1024, 8, 8, 45, targets=("v",)) < cost.poly_flops(1024, 8, 8, 45, targets=("q", "v"))
+    assert cost.poly_flops(1024, 8, 8, 45, causal=True) > cost.poly_flops(1024, 8, 8, 45)  # in-chunk work
+    t = cost.poly_seconds(1024, 8, 8, 45)
+    assert cost.poly_seconds(1024, 8, 8, 45, float64_features=True) == pytest.approx(2 * t)
 
 
 @pytest.mark.parametrize("bound, regime", [(0.5, "below"), (3.5, "transition"), (30.0, "above")])

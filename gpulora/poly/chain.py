@@ -83,8 +83,9 @@ def features(q, k, beta, choice: PolyChoice, *, softmax_one=False):
     n_keys = k.shape[-2]
     check_normaliser(den, n_keys * choice.min_value, choice)
     if softmax_one:
-        den = den + 1.0
-    return phi / den, psi
+        den += 1.0
+    phi /= den  # U in place of Phi: one (..., L, k) array fewer at the peak
+    return phi, psi
 
 
 def check_extreme_pairs(qs, k, phi, psi, choice: PolyChoice, factor: float = 10.0) -> None:

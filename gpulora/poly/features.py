@@ -48,20 +48,23 @@ def monomial_features_reference(z, table: MonomialTable, scale):
     Returns
     -------
     array of shape (..., L, k)
-        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)``.
+        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)``. Built feature-major, ``(..., k, L)``, so that
+        every gather copies contiguous rows of length ``L``; the result is the transposed view (matmuls
+        take either layout without a copy).
     """
     xp = backend.namespace(z)
-    out = backend.empty(z.shape[:-1] + (table.k,), z.dtype, xp)
-    out[..., 0] = 1
+    zt = xp.asarray(z.mT, copy=True)  # [..., d, L], contiguous
+    out = backend.empty(z.shape[:-2] + (table.k, z.shape[-2]), z.dtype, xp)  # [..., k, L]
+    out[..., 0, :] = 1
     starts = table.degree_start
     for m in range(1, table.g + 1):
         lo, hi = int(starts[m]), int(starts[m + 1])
         parent = xp.asarray(table.parent[lo:hi].astype(np.int64))
         coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
-        # columns of degree m from those of degree m - 1: one multiply each
-        out[..., lo:hi] = xp.take(out, parent, axis=-1) * xp.take(z, coord, axis=-1)
-    out *= scale  # in place: a second (..., L, k) array would double the peak memory
-    return out
+        # rows of degree m from those of degree m - 1: one multiply each
+        out[..., lo:hi, :] = xp.take(out, parent, axis=-2) * xp.take(zt, coord, axis=-2)
+    out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
+    return out.mT
 
 
 def monomial_features(z, table: MonomialTable, scale):
