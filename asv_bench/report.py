@@ -58,6 +58,7 @@ _NAMES = {
     "TorchGrad": ["backend", "L", "d_head", "targets", "dtype"],
     "PolyGrad": ["backend", "L", "d_head", "degree", "targets", "dtype"],
     "PolyError": ["backend", "L", "d_head", "degree", "targets", "dtype"],
+    "CausalPolyGrad": ["backend", "L", "d_head", "degree", "dtype"],
 }
 
 
@@ -111,6 +112,8 @@ def fmt(x, spec=".3g", none="–"):
 T_EXACT, T_POLY, T_TORCH = ("bench_grad.ExactGrad.time_lora_grad", "bench_grad.PolyGrad.time_lora_grad",
                             "bench_torch.TorchGrad.time_lora_grad")
 ERR = "bench_grad.PolyError.track_rel_error_poly_vs_exact"
+T_CAUSAL = "bench_grad.CausalPolyGrad.time_lora_grad"
+ERR_CAUSAL = "bench_grad.CausalPolyGrad.track_rel_error_poly_vs_exact"
 MEM_POLY, MEM_EXACT = "bench_grad.PolyGrad.peakmem_lora_grad", "bench_grad.ExactGrad.peakmem_lora_grad"
 ALLOC_POLY = "bench_grad.PolyGrad.track_alloc_lora_grad"
 
@@ -230,6 +233,8 @@ def report(data, res) -> str:
     w(f"With RATES[\"numpy\"] = {rn}, the cheaper method is predicted correctly at {agree} of "
       f"{agree + len(wrong)} measured points" + (": wrong at " + "; ".join(wrong) + "." if wrong else "."))
 
+    causal(res, w)
+
     w("\n#### Acceptance (issue 5)\n")
     ratios_all = {(d, g): r for d, g, _, _, _, _, _, r, _, _, _ in summary}
     for label, keep in ((f"d_head = {SPEEDUP_D}", lambda d: d == SPEEDUP_D), ("every d_head", lambda d: True)):
@@ -250,6 +255,25 @@ def report(data, res) -> str:
           f"{pm / 2**20:.0f} MiB (call's own allocations {fmt(al, '.1f')} MiB) -> "
           f"{'met' if pm < 512 * 2**20 else 'MISSED'}.")
     return "\n".join(lines) + "\n"
+
+
+def causal(res, w):
+    """Causal poly: time over L with the exact (non-causal here) time beside it, the 4x ratio, the error."""
+    Ls = axis(res, T_CAUSAL, "L")
+    if not Ls:
+        return
+    w("\n#### Causal poly (`lora_grad(method=\"poly\", causal=True)`, chunked prefix/suffix states)\n")
+    w("Error: worst relative adapter-gradient error against the exact causal gradient.\n")
+    w("| d_head | g | k | " + " | ".join(f"L = {L}" for L in Ls) + " | t(4L)/t(L): max | exponent | rel. error |")
+    w("|---:|---:|---:|" + "---:|" * len(Ls) + "---:|---:|---|")
+    for d, g in itertools.product(axis(res, T_CAUSAL, "d_head"), axis(res, T_CAUSAL, "degree")):
+        t = {L: get(res, T_CAUSAL, L=L, d_head=d, degree=g) for L in Ls}
+        ratios = [t[L] / t[L // 4] for L in Ls if t.get(L) and t.get(L // 4)]
+        f = fit(*zip(*[(L, v) for L, v in t.items() if v])) if sum(1 for v in t.values() if v) >= 2 else None
+        errs = [e for L in Ls if (e := get(res, ERR_CAUSAL, L=L, d_head=d, degree=g)) is not None]
+        w(f"| {d} | {g} | {feature_dim(d, g)} | " + " | ".join(fmt_t(t[L]) for L in Ls) +
+          f" | {fmt(max(ratios) if ratios else None, '.2f')} | {fmt(f[0] if f else None, '.2f')} | "
+          f"{fmt(max(errs) if errs else None, '.2e')} |")
 
 
 def newest_results():
