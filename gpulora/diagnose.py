@@ -22,7 +22,7 @@ import numpy as np
 
 from . import backend, cost
 from .adapters import prepare
-from .exact.attention import block_sizes
+from .exact.attention import block_sizes, scores
 from .model import Head, LoRA
 from .poly.chain import score_bound
 from .poly.coefficients import DEFAULT_TOL, choose
@@ -94,14 +94,11 @@ def exact_max_score(q, k, beta, *, causal=False) -> float:
     xp = backend.namespace(q, k)
     L = q.shape[-2]
     bq, _ = block_sizes(math.prod(q.shape[:-2]), L, block_k=L)
-    best = 0.0
+    best = xp.zeros((), dtype=q.dtype)
     for i0 in range(0, L, bq):
-        s = xp.abs(beta * (q[..., i0:i0 + bq, :] @ k.mT))
-        if causal:
-            i = xp.arange(i0, min(L, i0 + bq))[:, None]
-            s = xp.where(xp.arange(L)[None, :] > i, 0.0, s)
-        best = max(best, backend.to_float(xp.max(s)))
-    return best
+        s = scores(xp, q[..., i0:i0 + bq, :], k, beta, i0, 0, causal, fill=0.0)
+        best = xp.maximum(best, xp.max(xp.abs(s)))
+    return backend.to_float(best)  # one host read
 
 
 def _regime(m: float, threshold: float, log_L: float) -> str:

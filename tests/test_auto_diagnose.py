@@ -85,3 +85,16 @@ def test_auto_falls_back_to_exact_when_poly_fails_at_run_time(monkeypatch):
     assert float(gpulora.loss(p.head, p.lora, p.x, p.y, method="auto")) == float(res.loss)
     with pytest.raises(gpulora.PolynomialFailure, match="injected"):
         gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_max_score_equals_the_dense_maximum(causal):
+    from gpulora.adapters import prepare
+    from gpulora.diagnose import exact_max_score
+
+    p = make_problem(6, L=97, d_model=8, d_head=3, r=2, targets="qk", batch=2, heads=2, score_bound=3.0)
+    pr = prepare(p.head, p.lora, p.x)
+    s = np.abs(pr.beta * pr.q @ np.swapaxes(pr.k, -1, -2))
+    if causal:
+        s = np.tril(s)  # keys j <= i only
+    assert exact_max_score(pr.q, pr.k, pr.beta, causal=causal) == pytest.approx(float(s.max()), rel=1e-14)

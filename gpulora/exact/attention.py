@@ -30,7 +30,7 @@ import math
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads"]
+__all__ = ["BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "scores"]
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -47,20 +47,21 @@ def block_sizes(lead: int, L: int, block_q=None, block_k=None) -> tuple[int, int
     return max(1, min(int(block_q), L)), block_k
 
 
-def _scores(xp, qb, kb, beta, i0, j0, causal):
-    # [lead, bq, bk]
+def scores(xp, qb, kb, beta, i0, j0, causal, fill=-math.inf):
+    """Scores ``beta qb kb^T`` of the query rows from ``i0`` and key rows from ``j0``, shape ``[lead, bq, bk]``;
+    with ``causal``, entries ``j > i`` are ``fill``."""
     s = beta * (qb @ kb.mT)
     if causal:
         i = xp.arange(i0, i0 + qb.shape[-2])[:, None]
         j = xp.arange(j0, j0 + kb.shape[-2])[None, :]
-        s = xp.where(j > i, -math.inf, s)
+        s = xp.where(j > i, fill, s)
     return s
 
 
 def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one):
     """Output, row log-sum-exp and (single key block only) the weights ``F`` of one query block."""
     if kv_end <= block_k:
-        s = _scores(xp, qb, k[..., :kv_end, :], beta, i0, 0, causal)
+        s = scores(xp, qb, k[..., :kv_end, :], beta, i0, 0, causal)
         m = xp.max(s, axis=-1, keepdims=True)
         if softmax_one:
             m = xp.maximum(m, 0.0)
@@ -77,7 +78,7 @@ def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one):
     o = xp.zeros(lead + (bq, v.shape[-1]), dtype=qb.dtype)
     for j0 in range(0, kv_end, block_k):
         j1 = min(kv_end, j0 + block_k)
-        s = _scores(xp, qb, k[..., j0:j1, :], beta, i0, j0, causal)
+        s = scores(xp, qb, k[..., j0:j1, :], beta, i0, j0, causal)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         e = xp.exp(s - m_new)
         rescale = xp.exp(m - m_new)
@@ -149,7 +150,7 @@ def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("
         for j0 in range(0, kv_end, bk):
             j1 = min(kv_end, j0 + bk)
             kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
-            fb = f if f is not None else xp.exp(_scores(xp, qb, kb, beta, i0, j0, causal) - lse)
+            fb = f if f is not None else xp.exp(scores(xp, qb, kb, beta, i0, j0, causal) - lse)
             if dv is not None:
                 dv[..., j0:j1, :] += fb.mT @ g
             if dq is None and dk is None:

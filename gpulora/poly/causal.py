@@ -138,10 +138,11 @@ class _Sweep:
         sq = xp.asarray(feature_scales(choice.coef, d_head, "query"), dtype=compute_dtype)
         sk = xp.asarray(feature_scales(choice.coef, d_head, "key"), dtype=compute_dtype)
         # [B, n, C, k]; the constant monomial is 1 on padded rows too: zero them (no key, no query there)
-        self.phi = monomial_features(beta * self.q, table, sq)
+        qs = beta * self.q
+        self.phi = monomial_features(qs, table, sq)
         self.psi = monomial_features(self.k_, table, sk)
         # before the padded rows are zeroed (there phi . psi = p(0) still holds)
-        check_extreme_pairs(*(xp.reshape(a, (B, lp, a.shape[-1])) for a in (beta * self.q, self.k_, self.phi, self.psi)),
+        check_extreme_pairs(*(xp.reshape(a, (B, lp, a.shape[-1])) for a in (qs, self.k_, self.phi, self.psi)),
                             choice)
         if lp > L:
             last = L - (n - 1) * c

@@ -76,9 +76,10 @@ def features(q, k, beta, choice: PolyChoice, *, softmax_one=False):
     table = monomial_table(d, choice.degree)
     sq = xp.asarray(feature_scales(choice.coef, d, "query"), dtype=q.dtype)
     sk = xp.asarray(feature_scales(choice.coef, d, "key"), dtype=q.dtype)
-    phi = monomial_features(beta * q, table, sq)  # [..., L, k]
+    qs = beta * q
+    phi = monomial_features(qs, table, sq)  # [..., L, k]
     psi = monomial_features(k, table, sk)  # [..., L, k]
-    check_extreme_pairs(beta * q, k, phi, psi, choice)
+    check_extreme_pairs(qs, k, phi, psi, choice)
     den = phi @ xp.sum(psi, axis=-2)[..., None]  # [..., L, 1]
     n_keys = k.shape[-2]
     check_normaliser(den, n_keys * choice.min_value, choice)
