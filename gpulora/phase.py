@@ -22,7 +22,7 @@ import numpy as np
 from . import backend, cost
 from .grad import lora_grad
 from .model import GradResult
-from .poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, choose, coefficients, evaluate
+from .poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, choose, measure
 from .testing import Problem, make_problem, rel_error
 from .validation import check_tol
 
@@ -174,14 +174,8 @@ class PhasePoint:
 
 def _approximation_reaches(bound: float, tol: float) -> bool:
     """True if some positive polynomial of degree <= MAX_DEGREE meets ``tol`` on ``[-M, M]``, rounding aside."""
-    t = np.linspace(-bound, bound, 2049)
-    e = np.exp(t)
-    for family in FAMILIES:
-        for g in range(1, MAX_DEGREE + 1):
-            p = evaluate(coefficients(family, g, bound), t)
-            if p.min() > 0 and np.max(np.abs(p - e) / e) <= tol:
-                return True
-    return False
+    return any(c.positive and c.approx_error <= tol
+               for family in FAMILIES for c in (measure(family, g, bound) for g in range(1, MAX_DEGREE + 1)))
 
 
 def _poly_choice(bound, tol, dtype):

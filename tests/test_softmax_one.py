@@ -10,7 +10,7 @@ from gpulora.exact import attention as exact
 from gpulora.exact.reference import dense_loss_grads, dense_weights
 from gpulora.poly import causal as causal_chain
 from gpulora.poly import chain
-from gpulora.poly.coefficients import _measure
+from gpulora.poly.coefficients import measure
 from gpulora.testing import finite_difference_grads, make_problem, rel_error
 
 # (L, d_model, d_head, d_v, r, targets, batch, heads)
@@ -68,7 +68,7 @@ def test_poly_equals_dense_reference_with_polynomial_weights(case, causal):
     """Algebra isolation: the poly chains are the SPEC-2 formula with F~ = p(S) / (1 + rowsum p(S))."""
     p = _problem(case, score_bound=1.5)
     pr = prepare(p.head, p.lora, p.x, p.y)
-    choice = _measure("shifted_taylor", 4, 1.5)
+    choice = measure("shifted_taylor", 4, 1.5)
     f = dense_weights(pr.beta * pr.q @ pr.k.mT, causal=causal, softmax_one=True, coef=choice.coef)
     want = dense_loss_grads(f, pr.q, pr.k, pr.v, pr.y, pr.beta)
     impl = causal_chain if causal else chain

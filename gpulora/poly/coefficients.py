@@ -37,7 +37,7 @@ import numpy as np
 
 from .monomials import feature_dim
 
-__all__ = ["DEFAULT_TOL", "FAMILIES", "MAX_DEGREE", "PolyChoice", "choose", "coefficients", "evaluate"]
+__all__ = ["DEFAULT_TOL", "FAMILIES", "MAX_DEGREE", "PolyChoice", "choose", "coefficients", "evaluate", "measure"]
 
 FAMILIES = ("taylor", "shifted_taylor", "chebyshev")
 DEFAULT_TOL = 1e-3
@@ -131,7 +131,9 @@ class PolyChoice:
 
 
 @functools.lru_cache(maxsize=4096)
-def _measure(family: str, g: int, bound: float) -> PolyChoice:
+def measure(family: str, g: int, bound: float) -> PolyChoice:
+    """The degree-``g`` polynomial of ``family`` on ``[-bound, bound]`` with its errors measured on a grid
+    (cached). :func:`choose` picks among these; the result's ``budget`` is 0."""
     m = max(bound, _TINY_BOUND)
     coef = _coefficients(family, g, bound)
     t = np.linspace(-m, m, _GRID)
@@ -190,7 +192,7 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
         return (c.total_error(dtype) > target, c.total_error(np.float64))
 
     if degree is not None:
-        cands = [_measure(f, int(degree), bound) for f in families]
+        cands = [measure(f, int(degree), bound) for f in families]
         positive = [c for c in cands if c.positive]
         if not positive:
             raise ValueError(
@@ -210,7 +212,7 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
     else:
         best = None
         for g in range(1, MAX_DEGREE + 1):
-            ok = [c for c in (_measure(f, g, bound) for f in families)
+            ok = [c for c in (measure(f, g, bound) for f in families)
                   if c.positive and c.total_error(np.float64) <= target]
             if ok:
                 best = min(ok, key=rank)

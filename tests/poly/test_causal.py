@@ -10,7 +10,7 @@ import gpulora
 from gpulora.adapters import prepare
 from gpulora.exact.reference import dense_loss_grads, dense_weights
 from gpulora.poly import causal
-from gpulora.poly.coefficients import _measure
+from gpulora.poly.coefficients import measure
 from gpulora.testing import make_problem, rel_error
 
 NEEDS = [set(c) for n in range(4) for c in itertools.combinations("qkv", n)]  # every subset, empty included
@@ -37,7 +37,7 @@ def test_causal_chain_equals_dense_formula_with_masked_polynomial_weights(case):
     p = make_problem(21, L=L, d_model=7, d_head=d_head, d_v=d_v, r=2, targets="qkv", batch=batch, heads=heads,
                      softmax_one=softmax_one, score_bound=1.5)
     pr = prepare(p.head, p.lora, p.x, p.y)
-    choice = _measure(family, degree, 1.5)  # the polynomial itself, no degree policy
+    choice = measure(family, degree, 1.5)  # the polynomial itself, no degree policy
     f = dense_weights(pr.beta * pr.q @ pr.k.mT, causal=True, softmax_one=softmax_one, coef=choice.coef)
     want = dense_loss_grads(f, pr.q, pr.k, pr.v, pr.y, pr.beta)
     for need in NEEDS:
@@ -60,7 +60,7 @@ def test_default_chunking_matches_forced_chunking():
     """The public functions (chunk rule, group rule) agree with a forced chunk and group to rounding."""
     p = make_problem(22, L=300, d_model=8, d_head=3, d_v=3, r=2, targets="qkv", batch=2, score_bound=1.0)
     pr = prepare(p.head, p.lora, p.x, p.y)
-    choice = _measure("shifted_taylor", 3, 1.0)
+    choice = measure("shifted_taylor", 3, 1.0)
     a = causal.loss_and_grads(pr.q, pr.k, pr.v, pr.y, pr.beta, choice, np.float64)
     b = causal.chunked_loss_and_grads(pr.q, pr.k, pr.v, pr.y, pr.beta, choice, np.float64, chunk=7, group=3)
     for x, y in zip(a, b):
@@ -120,7 +120,7 @@ def test_normaliser_failure_is_reported_not_silent():
     q = np.ones((1, 1, L, d))
     k = -np.ones((1, 1, L, d))  # every score is -2, far below -M = -0.5
     v = np.ones((1, 1, L, 3))
-    choice = _measure("taylor", 1, 0.5)  # p(t) = 1 + t, positive only for t > -1
+    choice = measure("taylor", 1, 0.5)  # p(t) = 1 + t, positive only for t > -1
     with pytest.raises(gpulora.PolynomialFailure, match="normaliser"):
         causal.loss_and_grads(q, k, v, v, 1.0, choice, np.float64)
     with pytest.raises(gpulora.PolynomialFailure, match="normaliser"):
@@ -136,7 +136,7 @@ def test_normaliser_bound_is_per_row():
     # last row: 19 keys with p(-0.95) = 0.05 (past the bound), one with p(0) = 1: D = 1.95 < 20 * 0.5 / 2
     q[..., -1, 0], k[..., :-1, 0] = 1.0, -0.95
     v = np.ones((1, 1, L, 1))
-    choice = _measure("taylor", 1, 0.5)  # p(t) = 1 + t >= 0.5 on [-0.5, 0.5]
+    choice = measure("taylor", 1, 0.5)  # p(t) = 1 + t >= 0.5 on [-0.5, 0.5]
     assert choice.min_value == pytest.approx(0.5)
     with pytest.raises(gpulora.PolynomialFailure):
         causal.output(q, k, v, 1.0, choice, np.float64)
@@ -165,7 +165,7 @@ def _peak_bytes(L, degree):
     rng = np.random.default_rng(28)
     q, k = (0.5 * rng.standard_normal((1, 1, L, 4)) for _ in range(2))
     v, y = (rng.standard_normal((1, 1, L, 4)) for _ in range(2))
-    choice = _measure("shifted_taylor", degree, 1.0)
+    choice = measure("shifted_taylor", degree, 1.0)
     tracemalloc.start()
     try:
         out = causal.loss_and_grads(q, k, v, y, 0.5, choice, np.float64)

@@ -9,7 +9,7 @@ import gpulora
 from gpulora.adapters import prepare
 from gpulora.exact.reference import dense_loss_grads, dense_weights
 from gpulora.poly import causal, chain
-from gpulora.poly.coefficients import _measure, choose
+from gpulora.poly.coefficients import measure, choose
 from gpulora.testing import finite_difference_grads, make_problem, rel_error
 
 # (L, d_head, d_v, targets, batch, heads, softmax_one, family, degree)
@@ -30,7 +30,7 @@ def test_chain_equals_dense_formula_with_polynomial_weights(case):
     p = make_problem(11, L=L, d_model=7, d_head=d_head, d_v=d_v, r=2, targets=targets, batch=batch, heads=heads,
                      softmax_one=softmax_one, score_bound=1.5)
     pr = prepare(p.head, p.lora, p.x, p.y)
-    choice = _measure(family, degree, 1.5)  # any positive polynomial: accuracy is not under test here
+    choice = measure(family, degree, 1.5)  # any positive polynomial: accuracy is not under test here
     assert choice.positive
     got = chain.loss_and_grads(pr.q, pr.k, pr.v, pr.y, pr.beta, choice, np.float64, softmax_one=softmax_one,
                                need=targets)
@@ -110,7 +110,7 @@ def test_rounding_failure_is_reported_not_silent(M, family, impl):
 
 
 def test_normaliser_check_catches_non_positive_rows():
-    choice = _measure("taylor", 4, 1.0)
+    choice = measure("taylor", 4, 1.0)
     den = np.array([[[[1.0], [0.0]]]])
     with pytest.raises(gpulora.PolynomialFailure, match="normaliser"):
         chain.check_normaliser(den, 1.0, choice)

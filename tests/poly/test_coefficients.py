@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from gpulora.poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, _measure, choose, coefficients, evaluate
+from gpulora.poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, measure, choose, coefficients, evaluate
 
 # SPEC section 3, measured in float64: smallest degree with max relative error <= tol on [-M, M]
 SPEC_DEGREES = {
@@ -38,16 +38,16 @@ def test_families_are_what_they_say():
 
 def test_shifted_taylor_error_is_monotone_poisson_tail():
     M = 3.0
-    errs = [_measure("shifted_taylor", g, M).approx_error for g in range(1, 30)]
+    errs = [measure("shifted_taylor", g, M).approx_error for g in range(1, 30)]
     assert all(b <= a for a, b in zip(errs, errs[1:]))
     # relative error at t = -M is the Poisson(2M) tail beyond g
     g = 10
     tail = 1 - sum(math.exp(-2 * M) * (2 * M) ** i / math.factorial(i) for i in range(g + 1))
-    assert _measure("shifted_taylor", g, M).approx_error == pytest.approx(tail, rel=1e-6)
+    assert measure("shifted_taylor", g, M).approx_error == pytest.approx(tail, rel=1e-6)
 
 
 def test_taylor_odd_degree_goes_negative_and_is_refused():
-    c = _measure("taylor", 3, 4.0)
+    c = measure("taylor", 3, 4.0)
     assert not c.positive
     with pytest.raises(ValueError, match="not positive"):
         choose(4.0, degree=3, family="taylor")
