@@ -14,16 +14,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import time
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import backend, cost
+from . import cost
 from .grad import lora_grad
 from .model import GradResult
 from .poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, choose, measure
-from .testing import Problem, make_problem, rel_error
+from .testing import Problem, make_problem, rel_error, time_call
 from .validation import check_tol
 
 __all__ = [
@@ -34,7 +33,6 @@ __all__ = [
     "compare",
     "plot",
     "sweep",
-    "time_call",
     "write_csv",
 ]
 
@@ -43,25 +41,6 @@ DEFAULT_LENGTHS = tuple(2**p for p in range(7, 21))  # 128 .. 1048576
 # Elements of the (L, k) feature matrix above which the poly path is modelled, not run (memory and time).
 DEFAULT_MAX_FEATURE_ELEMENTS = 1 << 24
 _ERROR_FACTOR = 10  # adapter gradients stay within this multiple of tol (gpulora.lora_grad, tests)
-
-
-def time_call(fn, *, min_time=0.2, max_repeat=3):
-    """Run ``fn()`` until ``min_time`` seconds have passed or ``max_repeat`` runs; the result and the fastest time.
-
-    CuPy work is synchronised before the clock stops (the result's ``loss`` decides the backend).
-    """
-    best, spent, out = math.inf, 0.0, None
-    for _ in range(max_repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        loss = getattr(out, "loss", None)
-        if backend.is_cupy(loss):
-            backend.synchronize(loss)
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-        if spent >= min_time:
-            break
-    return out, best
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from . import backend
 from .model import Head, LoRA
 
-__all__ = ["Problem", "finite_difference_grads", "make_problem", "rel_error"]
+__all__ = ["Problem", "finite_difference_grads", "make_problem", "rel_error", "time_call"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +101,19 @@ def finite_difference_grads(loss_fn, lora: LoRA, h=1e-6) -> dict:
             grads.append(g)
         out[t] = tuple(grads)
     return out
+
+
+def time_call(fn, *, min_time=0.2, max_repeat=3, timer=time.perf_counter):
+    """Call ``fn()`` until ``min_time`` seconds are spent or ``max_repeat`` calls (at least one); each call
+    ends with :func:`gpulora.backend.synchronize` before the clock stops. Returns the last result and the
+    fastest time in seconds."""
+    best, spent, out = math.inf, 0.0, None
+    for _ in range(max_repeat):
+        t0 = timer()
+        out = fn()
+        backend.synchronize()
+        dt = timer() - t0
+        best, spent = min(best, dt), spent + dt
+        if spent >= min_time:
+            break
+    return out, best

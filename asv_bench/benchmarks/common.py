@@ -20,6 +20,7 @@ import tracemalloc
 import numpy as np
 
 from gpulora import backend
+from gpulora import testing
 from gpulora.testing import make_problem
 
 __all__ = [
@@ -101,14 +102,7 @@ def warm_up(xp, d_head, targets, dtype, **kwargs):
 
 def best_seconds(fn, *, budget=1.0, max_repeat=5, timer=timeit.default_timer) -> float:
     """Least wall time of synchronised calls of ``fn``: at least one, more while under ``budget`` seconds."""
-    best, spent, n = float("inf"), 0.0, 0
-    while n < max_repeat and (n == 0 or spent < budget):
-        t0 = timer()
-        fn()
-        backend.synchronize()
-        dt = timer() - t0
-        best, spent, n = min(best, dt), spent + dt, n + 1
-    return best
+    return testing.time_call(fn, min_time=budget, max_repeat=max_repeat, timer=timer)[1]  # module-qualified: asv collects time_* names
 
 
 def peak_alloc_mib(fn) -> float:
