@@ -16,7 +16,8 @@ import numpy as np
 from . import backend
 from .model import Head, LoRA
 
-__all__ = ["Problem", "finite_difference_grads", "make_problem", "rel_error", "time_call"]
+__all__ = ["Problem", "check_kernel_errors", "finite_difference_grads", "kernel_vs_twin", "make_problem", "rel_error",
+           "simulator_results", "time_call"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +118,54 @@ def time_call(fn, *, min_time=0.2, max_repeat=3, timer=time.perf_counter):
         if spent >= min_time:
             break
     return out, best
+
+
+def kernel_vs_twin(kernel, twin, inputs, xp, *, error=rel_error) -> dict:
+    """Errors of ``kernel`` against its NumPy ``twin`` (STYLE item 11), as a JSON-able dict.
+
+    ``inputs`` (host arrays) are run in float64 and rounded to float32. The kernel gets ``xp`` copies with
+    every :func:`gpulora.backend.empty` allocation NaN-poisoned (an unwritten element shows); its float64
+    output is compared with the float64 twin, and its float32 output with the twin on the float32 inputs
+    widened to float64 (the arithmetic error alone), beside the float32 twin's own error. Check the dict
+    with :func:`check_kernel_errors`.
+    """
+    x64 = [np.asarray(a, dtype=np.float64) for a in inputs]
+    x32 = [a.astype(np.float32) for a in x64]
+    ref64 = twin(*x64)
+    ref32_in64 = twin(*[a.astype(np.float64) for a in x32])
+    twin32 = twin(*x32)
+    with backend.poisoned():
+        out64 = backend.to_numpy(kernel(*[xp.asarray(a) for a in x64]))
+        out32 = backend.to_numpy(kernel(*[xp.asarray(a) for a in x32]))
+    return {
+        "shape_ok": out64.shape == ref64.shape and out32.shape == ref64.shape,
+        "dtype_ok": out64.dtype == np.float64 and out32.dtype == np.float32,
+        "finite": bool(np.isfinite(out64).all() and np.isfinite(out32).all()),
+        "err64": error(out64, ref64),
+        "err32_kernel": error(out32.astype(np.float64), ref32_in64),
+        "err32_twin": error(twin32.astype(np.float64), ref32_in64),
+    }
+
+
+def check_kernel_errors(res: dict) -> None:
+    """Assert a :func:`kernel_vs_twin` result: right shapes and dtypes, every element written and finite,
+    float64 within 1e-12, float32 at most twice the float32 twin's error plus one float32 epsilon."""
+    assert res["shape_ok"] and res["dtype_ok"], res
+    assert res["finite"], f"unwritten (NaN-poisoned) or non-finite output: {res}"
+    assert res["err64"] <= 1e-12, res
+    assert res["err32_kernel"] <= 2 * res["err32_twin"] + float(np.finfo(np.float32).eps), res
+
+
+def simulator_results(script, *, timeout=600) -> dict:
+    """Run ``script`` with ``NUMBA_ENABLE_CUDASIM=1`` (set before ``numba.cuda`` is first imported, so this
+    process keeps the real target) and return the JSON object on the last line of its output."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"simulator run of {script} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -12,18 +12,15 @@ against the float64 twin at most twice the float32 twin's error plus one float32
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from gpulora import backend
+from gpulora.testing import check_kernel_errors, kernel_vs_twin, simulator_results
 from gpulora.poly.features import monomial_features_reference
 from gpulora.poly.monomials import monomial_table
 
-EPS32 = float(np.finfo(np.float32).eps)
 
 # (lead, L, d, g, mode): lead = batch axes; mode "auto" = the entry point, "recompute" = parent-chain
 # mode, "rows3" = cached mode with 3 rows per block (the shared cache sets the tile).
@@ -79,46 +76,22 @@ def run_case(case, xp, seed=0):
     lead, L, d, g, mode = case
     rng = np.random.default_rng(seed)
     table = monomial_table(d, g)
-    z64 = 0.8 * rng.standard_normal(lead + (L, d))
-    scale64 = rng.uniform(-1.5, 1.5, table.k)
-    z32, scale32 = z64.astype(np.float32), scale64.astype(np.float32)
-    # float64 references: of the float64 inputs, and of the float32 inputs widened (arithmetic error only)
-    ref64 = monomial_features_reference(z64, table, scale64)
-    ref32_in64 = monomial_features_reference(z32.astype(np.float64), table, scale32.astype(np.float64))
-    twin32 = monomial_features_reference(z32, table, scale32)
-    with backend.poisoned():
-        out64 = backend.to_numpy(_kernel(xp.asarray(z64), table, xp.asarray(scale64), mode))
-        out32 = backend.to_numpy(_kernel(xp.asarray(z32), table, xp.asarray(scale32), mode))
-    return {
-        "shape_ok": out64.shape == ref64.shape and out32.shape == ref64.shape,
-        "dtype_ok": out64.dtype == np.float64 and out32.dtype == np.float32,
-        "finite": bool(np.isfinite(out64).all() and np.isfinite(out32).all()),
-        "err64": _max_rel(out64, ref64),
-        "err32_kernel": _max_rel(out32.astype(np.float64), ref32_in64),
-        "err32_twin": _max_rel(twin32.astype(np.float64), ref32_in64),
-    }
-
-
-def check(res):
-    assert res["shape_ok"] and res["dtype_ok"], res
-    assert res["finite"], f"unwritten (NaN-poisoned) or non-finite output: {res}"
-    assert res["err64"] <= 1e-12, res
-    assert res["err32_kernel"] <= 2 * res["err32_twin"] + EPS32, res
+    z = 0.8 * rng.standard_normal(lead + (L, d))
+    scale = rng.uniform(-1.5, 1.5, table.k)
+    return kernel_vs_twin(lambda z_, s_: _kernel(z_, table, s_, mode),
+                          lambda z_, s_: monomial_features_reference(z_, table, s_), (z, scale), xp, error=_max_rel)
 
 
 @pytest.fixture(scope="module")
 def sim_results():
     pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return simulator_results(__file__)
 
 
 @pytest.mark.sim
 @pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in SIM_CASES])
 def test_feature_map_kernel_sim(case, sim_results):
-    check(sim_results[_case_id(case)])
+    check_kernel_errors(sim_results[_case_id(case)])
 
 
 @pytest.mark.gpu
@@ -130,7 +103,7 @@ def test_feature_map_kernel_gpu(case):
         pytest.skip("needs CuPy, a CUDA device and numba-cuda (without the simulator)")
     import cupy
 
-    check(run_case(case, cupy))
+    check_kernel_errors(run_case(case, cupy))
 
 
 def _main():

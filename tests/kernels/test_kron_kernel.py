@@ -13,17 +13,13 @@ the float64 twin at most twice the float32 twin's error plus one float32 epsilon
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from gpulora import backend
+from gpulora.testing import check_kernel_errors, kernel_vs_twin, simulator_results
 from gpulora.poly.products import kron_contract_reference, kron_readout_reference
 
-EPS32 = float(np.finfo(np.float32).eps)
 OPS = ("contract", "readout")
 
 # (lead, L, k, p, q): lead = batch axes; p != q throughout.
@@ -48,11 +44,6 @@ def _case_id(case):
     return "B{}-L{}-k{}-p{}-q{}".format("x".join(map(str, lead)) or "none", L, k, p, q)
 
 
-def _rel(x, ref):
-    """Relative Frobenius error (NaN if ``x`` has a NaN); absolute when ``ref`` is zero or empty."""
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1.0 if not ref.any() else 0.0))
-
-
 def _inputs(case, rng):
     lead, L, k, p, q = case
     psi = rng.standard_normal(lead + (L, k))
@@ -72,46 +63,20 @@ def run_case(case, xp, op, seed=0):
         "readout": (lambda psi, a, b, t: kernels.kron_readout(psi, a, t),
                     lambda psi, a, b, t: kron_readout_reference(psi, a, t)),
     }[op]
-    x64 = _inputs(case, np.random.default_rng(seed))
-    x32 = [x.astype(np.float32) for x in x64]
-    ref64 = twin(*x64)
-    # the float32 inputs widened: the reference of the float32 arithmetic alone
-    ref32_in64 = twin(*[x.astype(np.float64) for x in x32])
-    twin32 = twin(*x32)
-    with backend.poisoned():
-        out64 = backend.to_numpy(kernel(*[xp.asarray(x) for x in x64]))
-        out32 = backend.to_numpy(kernel(*[xp.asarray(x) for x in x32]))
-    return {
-        "shape_ok": out64.shape == ref64.shape and out32.shape == ref64.shape,
-        "dtype_ok": out64.dtype == np.float64 and out32.dtype == np.float32,
-        "finite": bool(np.isfinite(out64).all() and np.isfinite(out32).all()),
-        "err64": _rel(out64, ref64),
-        "err32_kernel": _rel(out32.astype(np.float64), ref32_in64),
-        "err32_twin": _rel(twin32.astype(np.float64), ref32_in64),
-    }
-
-
-def check(res):
-    assert res["shape_ok"] and res["dtype_ok"], res
-    assert res["finite"], f"unwritten (NaN-poisoned) or non-finite output: {res}"
-    assert res["err64"] <= 1e-12, res
-    assert res["err32_kernel"] <= 2 * res["err32_twin"] + EPS32, res
+    return kernel_vs_twin(kernel, twin, _inputs(case, np.random.default_rng(seed)), xp)
 
 
 @pytest.fixture(scope="module")
 def sim_results():
     pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return simulator_results(__file__)
 
 
 @pytest.mark.sim
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in SIM_CASES])
 def test_kron_kernel_sim(case, op, sim_results):
-    check(sim_results[f"{op}-{_case_id(case)}"])
+    check_kernel_errors(sim_results[f"{op}-{_case_id(case)}"])
 
 
 @pytest.mark.gpu
@@ -124,7 +89,7 @@ def test_kron_kernel_gpu(case, op):
         pytest.skip("needs CuPy, a CUDA device and numba-cuda (without the simulator)")
     import cupy
 
-    check(run_case(case, cupy, op))
+    check_kernel_errors(run_case(case, cupy, op))
 
 
 def _main():
