@@ -65,15 +65,12 @@ def to_float(x) -> float:
     return float(to_numpy(x))
 
 
-def synchronize(x=None) -> None:
-    """Wait for the device work queued on CuPy's current stream; a no-op for NumPy."""
-    if x is None or is_cupy(x) or getattr(x, "__name__", "").startswith("cupy"):
-        try:
-            import cupy
-        except ImportError:
-            return
-        if has_cuda():
-            cupy.cuda.get_current_stream().synchronize()
+def synchronize() -> None:
+    """Wait for the device work queued on CuPy's current stream; a no-op without CuPy or a CUDA device."""
+    if has_cuda():
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
 
 
 @functools.lru_cache(maxsize=1)
