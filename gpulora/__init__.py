@@ -5,8 +5,8 @@ The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`,
 (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or CuPy, float32 or float64.
 """
 
-from .diagnose import Diagnosis as Diagnosis
-from .diagnose import diagnose as diagnose
+from .diagnosis import Diagnosis as Diagnosis
+from .diagnosis import diagnose as diagnose
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss

@@ -5,7 +5,7 @@
 ``diagnose``  the diagnosis of a problem saved as ``.npz`` (keys in :data:`NPZ_KEYS`; :func:`save_problem`).
 
 Errors (bad options, unreadable files, values gpulora rejects) print one line ``gpulora: error: ...`` on
-stderr and exit with status 2. The work itself lives in :mod:`gpulora.phase` and :mod:`gpulora.diagnose`.
+stderr and exit with status 2. The work itself lives in :mod:`gpulora.phase` and :mod:`gpulora.diagnosis`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import zipfile
 import numpy as np
 
 from . import DEFAULT_TOL, LoRA, backend
-from .diagnose import diagnose
+from .diagnosis import diagnose
 from .model import TARGETS, Head
 from .validation import check_tol
 
