@@ -84,7 +84,7 @@ def run_case(case, xp, seed=0):
 
 @pytest.fixture(scope="module")
 def sim_results():
-    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed: pip install 'gpulora[ptx]'")
     return simulator_results(__file__)
 
 
