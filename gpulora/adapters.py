@@ -1,7 +1,7 @@
 """LoRA-merged projections into per-head layout, and the chain rule from dQ, dK, dV back to B and A.
 
 ``W = W0 + s B @ A`` with ``s = alpha / r``. Forward: ``Q = x @ Wq`` reshaped from ``(batch, L, H d_head)``
-to ``(batch, H, L, d_head)``. Backward (SPEC section 2): ``dW = sum_batch x^T dQ`` (heads concatenated back
+to ``(batch, H, L, d_head)``. Backward (docs/math.md section 2): ``dW = sum_batch x^T dQ`` (heads concatenated back
 along the columns), ``dB = s dW A^T``, ``dA = s B^T dW``. Cost ``O(batch L d_model H d)`` both ways.
 """
 

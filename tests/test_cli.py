@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gpulora import backend
-from gpulora.cli import main, save_problem
+from gpulora.cli import main
+from gpulora.io import save_problem
 from gpulora.phase import read_csv
 from gpulora.testing import make_problem
 

@@ -1,7 +1,7 @@
 r"""Exact attention loss and gradients, blocked so that memory stays linear in L.
 
 For every leading index (batch, head) with ``Q (L, d_head)``, ``K (L, d_head)``, ``V (L, d_v)``, ``Y (L, d_v)``
-(SPEC section 2, row convention):
+(docs/math.md section 2, row convention):
 
     S = beta Q K^T,  F = rowsoftmax(S),  O = F V,  G = O - Y,  loss = 0.5 ||G||_F^2
     r = rowsum(G * O),  P = F * (G V^T - r 1^T)          (P = dloss/dS)

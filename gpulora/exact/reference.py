@@ -1,9 +1,9 @@
-"""Dense references: SPEC section 2 written out with the whole ``L x L`` matrices (small L only).
+"""Dense references: docs/math.md section 2 written out with the whole ``L x L`` matrices (small L only).
 
 :func:`dense_weights` builds the attention weights, either the exact softmax or, given polynomial
 coefficients, ``F~ = rownormalise(p(S))``; :func:`dense_loss_grads` evaluates the exact-gradient formula for
 *any* weights ``F``. With ``F~`` in place of ``F`` it is what the chained polynomial gradient must equal to
-rounding (SPEC section 4: approximation error and algebra error tested apart). ``O(L^2)`` memory.
+rounding (docs/math.md section 4: approximation error and algebra error tested apart). ``O(L^2)`` memory.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def dense_weights(s, *, causal=False, softmax_one=False, coef=None):
 
 
 def dense_loss_grads(f, q, k, v, y, beta):
-    """Loss and ``(dQ, dK, dV)`` by the formula of SPEC section 2 for given weights ``f (..., L, L)``.
+    """Loss and ``(dQ, dK, dV)`` by the formula of docs/math.md section 2 for given weights ``f (..., L, L)``.
 
     ``O = F V``, ``G = O - Y``, ``r = rowsum(G * O)``, ``P = F * (G V^T - r)``, ``dQ = beta P K``,
     ``dK = beta P^T Q``, ``dV = F^T G``. Cost ``O(L^2 (d_head + d_v))`` time and ``O(L^2)`` memory.

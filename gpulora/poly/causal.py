@@ -1,6 +1,6 @@
 r"""The causal chained LoRA gradient of the polynomial method, in time almost linear in L.
 
-Same contract as :mod:`gpulora.poly.chain`, with the mask ``j <= i`` (SPEC section 5). With
+Same contract as :mod:`gpulora.poly.chain`, with the mask ``j <= i`` (docs/math.md section 5). With
 ``phi_i = phi(beta q_i)``, ``psi_j = psi(k_j)`` (:mod:`gpulora.poly.features`, ``phi_i . psi_j = p(s_ij)``),
 per leading index (batch, head):
 
@@ -10,11 +10,11 @@ per leading index (batch, head):
     dK_j = beta [ (psi_j (x) v_j) . sum_{i>=j} u_i (x) g_i (x) q_i  -  psi_j . sum_{i>=j} u_i (x) (r_i q_i) ]
     dV_j = psi_j . sum_{i>=j} u_i (x) g_i
 
-which is the exact-gradient formula of SPEC section 2 with the causal ``F~ = rownormalise(mask * p(S))`` in
+which is the exact-gradient formula of docs/math.md section 2 with the causal ``F~ = rownormalise(mask * p(S))`` in
 place of ``F``, to rounding, whatever the degree (tested against the dense formula).
 
 **Chunks** (the chunked linear-attention pattern). The rows are cut into chunks of ``C``. Inside a chunk
-the masked weights are formed densely, ``A = tril(Phi_c Psi_c^T)`` (``C x C``), and the SPEC-2 formula is
+the masked weights are formed densely, ``A = tril(Phi_c Psi_c^T)`` (``C x C``), and the formula of docs/math.md section 2 is
 applied to that block: ``F~_c = A / D``, ``P_c = F~_c * (G_c V_c^T - r)``, contributions ``F~_c V_c``,
 ``beta P_c K_c`` (to dQ), ``beta P_c^T Q_c`` (to dK), ``F~_c^T G_c`` (to dV). Between chunks the
 prefix states over keys

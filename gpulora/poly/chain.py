@@ -2,7 +2,7 @@ r"""The chained low-rank LoRA gradient of the polynomial method, in time almost 
 
 With ``phi = phi(beta q)``, ``psi = psi(k)`` the feature maps of :mod:`gpulora.poly.features`
 (``phi_i . psi_j = p(s_ij) ~ exp(s_ij)``), ``D = Phi (Psi^T 1)`` (plus 1 for Softmax_1), ``U = diag(1/D) Phi``
-and ``F~ = U Psi^T`` (never formed), per leading index (SPEC section 4):
+and ``F~ = U Psi^T`` (never formed), per leading index (docs/math.md section 4):
 
     O~ = U (Psi^T V)                                        O(L k d_v)
     G  = O~ - Y,  r_i = g_i . o~_i,  loss = 0.5 ||G||^2
@@ -12,7 +12,7 @@ and ``F~ = U Psi^T`` (never formed), per leading index (SPEC section 4):
 
 This is the paper's chain (``f ~ U1 V1^T``, ``p1 = (U1 (x) U2)(V1 (x) V2)^T`` of rank ``k d_v``,
 ``p2 = diag(r) U1 V1^T`` of rank ``k``) with every product taken in an order that never forms an ``L x L``
-or ``L x k d_v`` array; it equals the exact-gradient formula of SPEC section 2 evaluated with ``F~`` for
+or ``L x k d_v`` array; it equals the exact-gradient formula of docs/math.md section 2 evaluated with ``F~`` for
 ``F`` to rounding, whatever the degree. Only what the targets need is computed: ``{v}`` needs ``U, Psi, G``;
 ``{q}`` adds ``T_K``; ``{k}`` adds ``T_Q``.
 

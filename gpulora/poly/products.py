@@ -1,6 +1,6 @@
 """The fused low-rank products of the chain: contractions with row-wise Kronecker products.
 
-Two operations carry the time of the polynomial gradient (SPEC section 4):
+Two operations carry the time of the polynomial gradient (docs/math.md section 4):
 
 ``kron_contract(psi, a, b)``  ->  ``T[..., f, c, e] = sum_j psi[..., j, f] a[..., j, c] b[..., j, e]``
     ``T = Psi^T (A (x) B)`` with ``(A (x) B)`` the row-wise Kronecker product, shape ``(..., k, p, q)``.
