@@ -115,8 +115,9 @@ def test_module_names_are_not_shadowed():
 
 def test_compile_ptx_all_names_the_extra(monkeypatch):
     from gpulora import kernels
+    from gpulora.kernels import _api
 
-    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("No module named 'numba'"))
+    monkeypatch.setattr(_api, "_IMPORT_ERROR", ImportError("No module named 'numba'"))
     with pytest.raises(ImportError, match=r"gpulora\[ptx\]"):
         kernels.compile_ptx_all()
     monkeypatch.undo()

@@ -33,7 +33,7 @@ def kernels():
     try:
         cuda.compile_ptx(probe, "void(float32[::1])", cc=(8, 0))
     except (ImportError, RuntimeError, OSError) as exc:
-        if not kernels._missing_cuda_library(exc):
+        if not kernels._api._missing_cuda_library(exc):
             raise
         pytest.skip(f"NVVM/NVRTC are not available (pip install 'gpulora[ptx]'): {exc}")
     return kernels
