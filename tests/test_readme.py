@@ -155,6 +155,12 @@ def test_numbers_in_the_prose_follow_from_the_code():
     p = make_problem(0, L=4096, d_model=64, d_head=16, d_v=8, r=8, targets="qkv", dtype=np.float32,
                      score_bound=1.0)
     assert gpulora.diagnose(p.head, p.lora, p.x).recommended == "exact"
+    # the limits quoted: exact max |S| up to batch H L^2 = 2^26 scores, polynomial degrees up to 40
+    from gpulora.diagnosis import EXACT_MAX_SCORE_LIMIT
+    from gpulora.poly.coefficients import MAX_DEGREE
+
+    assert EXACT_MAX_SCORE_LIMIT == 2**26 and "`batch H L^2 <= 2^26`" in README
+    assert MAX_DEGREE == 40 and README.count("degree <= 40") >= 2
     # the demo's own degree and features, and the feature dimensions of the regimes section
     choice, _ = choose(1.0, dtype=np.float32)
     assert (choice.degree, choice.features(4)) == (5, 126) and "`k = C(4 + 5, 5) = 126`" in README
