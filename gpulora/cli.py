@@ -191,7 +191,8 @@ def _xp(name):
     if name == "numpy" or (name == "auto" and not backend.has_cuda()):
         return np
     if not backend.has_cuda():
-        raise CLIError("--backend cupy needs CuPy and a CUDA device; none was found")
+        raise CLIError("--backend cupy needs a CUDA device and CuPy (pip install 'gpulora[cuda13]', or "
+                       "'gpulora[cuda12]' for a CUDA 12 driver); none was found")
     import cupy
 
     return cupy

@@ -105,6 +105,8 @@ def test_citations_point_into_docs_math():
     headings = {int(n) for n in re.findall(r"^## (\d)\. ", MATH, flags=re.M)}
     assert headings == set(range(1, 8))
     for path in _tracked_text_files():
+        if path.resolve() == pathlib.Path(__file__).resolve():  # this test names the words it forbids
+            continue
         text = path.read_text(errors="replace")
         for word in ("SPEC section", "SPEC-", "STYLE item", "SPEC.md", "STYLE.md"):
             assert word not in text, (path, word)

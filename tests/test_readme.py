@@ -51,13 +51,23 @@ def test_readme_sections_in_order_and_no_install_warning():
     assert "must be editable" not in README and "shadowed" not in README
 
 
-def test_images_have_absolute_urls_of_committed_files():
-    """PyPI renders README without the repository: every image is an absolute URL of a committed file."""
+def test_images_and_links_have_absolute_urls_of_committed_files():
+    """PyPI renders README without the repository: every image and link to a file of the project is an
+    absolute URL (of the project's repository, pyproject's Source), and names a file that exists."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11 (tomllib)")
+
+    source = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Source"]
+    owner_name = source.removeprefix("https://github.com/")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
-    assert images
+    links = re.findall(r"(?<!!)\[[^\]]*\]\(([^)#][^)]*)\)", README)
+    assert images and links
     for url in images:
-        assert url.startswith("https://raw.githubusercontent.com/gpulora/gpulora/main/"), url
+        assert url.startswith(f"https://raw.githubusercontent.com/{owner_name}/main/"), url
         assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
+    for url in links:
+        assert url.startswith("https://"), url
+        if url.startswith(f"{source}/blob/main/"):
+            assert (ROOT / url.split("/blob/main/", 1)[1]).is_file(), url
 
 
 def test_numpy_examples_run_and_print_what_their_comments_say(tmp_path, monkeypatch, capsys):
