@@ -10,6 +10,7 @@ from .diagnose import diagnose as diagnose
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss
+from .model import AccuracyWarning as AccuracyWarning
 from .model import AdapterGrad as AdapterGrad
 from .model import GradResult as GradResult
 from .model import Head as Head
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TOL",
+    "AccuracyWarning",
     "AdapterGrad",
     "Diagnosis",
     "GradResult",
