@@ -53,6 +53,7 @@ class Plan:
     compute_dtype: np.dtype | None = None
     note: str = ""
     tol: float = DEFAULT_TOL
+    warned: bool = False  # an AccuracyWarning was already emitted for this call
 
     @property
     def error_bound(self) -> float:
@@ -76,9 +77,9 @@ def _check_options(method, degree, tol, causal, family):
 def _prepare(head, lora, x, y=None, *, need_y=False):
     if need_y and y is None:
         raise TypeError("y must be a NumPy or CuPy array of targets (L, H d_v) or (batch, L, H d_v), got None")
-    prob = prepare(head, lora, x, y)
-    check_parameters(head, lora)  # B and A are usually updated in place between calls
-    return prob
+    if isinstance(head, Head) and isinstance(lora, LoRA):  # else prepare names the wrong type
+        check_parameters(head, lora)  # B and A are usually updated in place between calls
+    return prepare(head, lora, x, y)
 
 
 def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targets=("q", "k", "v")) -> Plan:
@@ -91,7 +92,8 @@ def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targ
     (:class:`~gpulora.AccuracyWarning`) and runs exact under ``"auto"``. Cost ``O(L d)`` plus the cached
     polynomial search; nothing of size ``k`` is allocated.
     """
-    bound = chain.score_bound(prob.q, prob.k, prob.beta)
+    with np.errstate(over="ignore"):  # an overflowing bound is inf, handled below
+        bound = chain.score_bound(prob.q, prob.k, prob.beta)
     target = DEFAULT_TOL if tol is None else tol
     if method == "exact":
         return Plan("exact", bound, tol=target)
@@ -117,12 +119,11 @@ def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targ
         msg = (f"degree={choice.degree}: the {choice.family} polynomial's error bound on [-M, M], M = "
                f"{bound:.3g}, is {eps:.3g} (approximation plus rounding), more than tol={target:.3g}; the "
                f"gradients may be off by a multiple of that. Pass tol= instead of degree= (or a higher degree)")
-        if method == "poly":
-            warnings.warn(msg, AccuracyWarning, stacklevel=3)
-        else:
+        if method != "poly":
             return Plan("exact", bound, note=f"auto: {msg}; ran exact", tol=target)
+        warnings.warn(msg, AccuracyWarning, stacklevel=3)
     if method == "poly":
-        return Plan("poly", bound, choice, compute, tol=target)
+        return Plan("poly", bound, choice, compute, tol=target, warned=eps > target)
     name = "cupy" if backend.is_cupy(prob.q) else "numpy"
     t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
     t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=name,
@@ -171,6 +172,12 @@ def _run(prob, p: Plan, *, causal, need):
     return impl.loss_and_grads(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one, need=need)
 
 
+def _run_grads(prob, p: Plan, *, causal, lora):
+    """``(loss, {target: AdapterGrad})``: :func:`_run` and the chain rule to the adapters."""
+    loss_, dq, dk, dv = _run(prob, p, causal=causal, need=lora.targets)
+    return loss_, adapter_grads(lora, prob, {"q": dq, "k": dk, "v": dv})
+
+
 def _output(prob, p: Plan, *, causal):
     args = (prob.q, prob.k, prob.v, prob.beta)
     if p.method == "exact":
@@ -179,39 +186,54 @@ def _output(prob, p: Plan, *, causal):
     return impl.output(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one)
 
 
-def _check_result(prob, p: Plan, *arrays) -> None:
+def _leaves(out):
+    """The arrays of a run's result: a tuple of arrays and ``None``, or ``(loss, {target: AdapterGrad})``."""
+    for a in out if isinstance(out, tuple) else (out,):
+        if isinstance(a, dict):
+            yield from (x for g in a.values() for x in (g.B, g.A))
+        elif a is not None:
+            yield a
+
+
+def _check_result(prob, p: Plan, out) -> None:
     """Raise rather than return NaN or inf from finite inputs (the scores or products overflowed the dtype).
 
     One fused reduction over the results, one host read on CuPy. A poly run raises
     :class:`~gpulora.PolynomialFailure` (``auto`` then runs exact); an exact run a ``ValueError``.
     """
-    if all_finite(*arrays):
+    if all_finite(*_leaves(out)):
         return
     bound = p.bound
     if not math.isfinite(bound):  # it overflowed too: recompute it in float64 for the message
         f64 = prob.xp.float64
-        bound = chain.score_bound(prob.xp.astype(prob.q, f64), prob.xp.astype(prob.k, f64), prob.beta)
+        with np.errstate(over="ignore"):
+            bound = chain.score_bound(prob.xp.astype(prob.q, f64), prob.xp.astype(prob.k, f64), prob.beta)
     dtype = np.dtype(prob.q.dtype)
     msg = (f"the {p.method} computation overflowed {dtype} (NaN or inf in its results) although every input "
-           f"is finite: the scores reach up to M = {bound:.3g} (largest {dtype} {float(np.finfo(dtype).max):.3g}); "
-           f"scale x or the weights down (or beta), or use float64 inputs")
+           f"is finite: the scores reach up to M = {bound:.3g} and the gradients scale with their size "
+           f"(largest {dtype} {float(np.finfo(dtype).max):.3g}); scale x or the weights down (or beta), or "
+           f"use float64 inputs")
     raise (chain.PolynomialFailure if p.method == "poly" else ValueError)(msg)
+
+
+def _checked_run(run, prob, p: Plan, **kw):
+    # overflow shows as inf/nan in the results, which _check_result turns into an error: no RuntimeWarning
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = run(prob, p, **kw)
+    _check_result(prob, p, out)
+    return out
 
 
 def _with_fallback(run, prob, p: Plan, requested: str, **kw):
     """``run(prob, p, **kw)`` with its results checked finite; under ``method="auto"`` a poly run that fails
     falls back to exact, and says so."""
     try:
-        out = run(prob, p, **kw)
-        _check_result(prob, p, *(out if isinstance(out, tuple) else (out,)))
-        return p, out
+        return p, _checked_run(run, prob, p, **kw)
     except chain.PolynomialFailure as err:
         if requested != "auto":
             raise
         p = dataclasses.replace(p, method="exact", note=f"auto: poly failed ({err}); fell back to exact")
-        out = run(prob, p, **kw)
-        _check_result(prob, p, *(out if isinstance(out, tuple) else (out,)))
-        return p, out
+        return p, _checked_run(run, prob, p, **kw)
 
 
 def _checked_poly(prob, p: Plan, requested: str, out, rerun, **kw):
@@ -232,7 +254,8 @@ def _checked_poly(prob, p: Plan, requested: str, out, rerun, **kw):
     if requested == "auto":
         p = dataclasses.replace(p, method="exact", note=f"auto: {why}; reran exact")
         return _with_fallback(rerun, prob, p, requested, **kw) + (0.0,)
-    warnings.warn(why, AccuracyWarning, stacklevel=3)
+    if not p.warned:
+        warnings.warn(why, AccuracyWarning, stacklevel=3)
     return p, out, est
 
 
@@ -300,9 +323,8 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
     prob = _prepare(head, lora, x, y, need_y=True)
     need = lora.targets
     p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=need)
-    p, out = _with_fallback(_run, prob, p, method, causal=causal, need=need)
-    p, (loss_, dq, dk, dv), est = _checked_poly(prob, p, method, out, _run, causal=causal, need=need)
-    grads = adapter_grads(lora, prob, {"q": dq, "k": dk, "v": dv})
+    p, out = _with_fallback(_run_grads, prob, p, method, causal=causal, lora=lora)
+    p, (loss_, grads), est = _checked_poly(prob, p, method, out, _run_grads, causal=causal, lora=lora)
     poly = p.method == "poly"
     return GradResult(
         loss=_zero_d(prob, loss_),
