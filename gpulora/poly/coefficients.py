@@ -226,11 +226,12 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
         raise ValueError(f"the score bound M must be a finite number >= 0, got {bound}")
     limit = _FIXED_DEGREE_BOUND if degree is not None else feasible_bound(target)
     if bound > limit:
+        what = f"of degree {degree} is usable" if degree is not None else f"reaches tol={target:.3g}"
         raise ValueError(
-            f"M = {bound:.3g} (the bound beta * max|q_i| * max|k_j|) is past what any polynomial can do: its "
-            f"terms cancel by a factor growing like e^(2M), so float64 rounding alone would exceed "
-            f"{'any usable error' if degree is not None else f'tol={target:.3g}'} from M > {limit:.3g}; "
-            f"use method='exact' (or method='auto')"
+            f"no polynomial {what} for exp on [-M, M] with M = {bound:.3g} (the bound beta * max|q_i| * "
+            f"max|k_j|): past M = {limit:.3g} its terms cancel by a factor growing like e^(2M), so float64 "
+            f"rounding alone would exceed {'any usable error' if degree is not None else 'tol'}. This problem "
+            f"is past the phase transition of the polynomial method; use method='exact' (or method='auto')"
         )
 
     def rank(c):  # fits in the input dtype first, then the least total error

@@ -121,7 +121,7 @@ def test_public_path_refuses_what_rounding_forbids():
     p = make_problem(16, L=50, d_model=8, d_head=2, d_v=2, r=2, targets="qv", score_bound=12.0)
     with pytest.raises(ValueError, match="only to a relative error"):
         gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=30, family="taylor")
-    with pytest.raises(ValueError, match="phase transition|rounding alone"):
+    with pytest.raises(ValueError, match="phase transition"):
         gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", tol=1e-6)
     res = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="auto", tol=1e-6)
     assert res.method == "exact" and "cannot meet" in res.note
