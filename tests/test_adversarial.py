@@ -171,22 +171,24 @@ class TestNonFiniteAtCallTime:
     """Weights and adapters updated in place after construction are re-checked at every call."""
 
     @FEW
-    @given(which=st.sampled_from(["w_q", "w_k", "w_v", "adapters['q'] B", "adapters['k'] A",
+    @given(which=st.sampled_from(["x", "y", "w_q", "w_k", "w_v", "adapters['q'] B", "adapters['k'] A",
                                   "adapters['v'] B", "adapters['v'] A"]),
            value=st.sampled_from([np.nan, np.inf, -np.inf]),
            index=st.integers(0, 1 << 16),
            method=st.sampled_from(METHODS))
     def test_every_array_every_entry_point(self, which, value, index, method):
         p = _small(score_bound=0.5)
-        arrays = {**p.head.arrays(), **p.lora.arrays()}
+        arrays = {**p.head.arrays(), **p.lora.arrays(), "x": p.x, "y": p.y}
         a = arrays[which]
         a.reshape(-1)[index % a.size] = value  # in place, as an optimiser step would
-        for call in _all_entry_points(p, method=method):
+        calls = list(_all_entry_points(p, method=method))
+        for call in calls[:2] if which == "y" else calls:  # forward takes no y
             with refused(ValueError, which, "finite") as info:
                 call()
             assert "M = nan" not in str(info.value)
-        with refused(ValueError, which, "finite"):
-            gpulora.diagnose(p.head, p.lora, p.x)
+        if which != "y":
+            with refused(ValueError, which, "finite"):
+                gpulora.diagnose(p.head, p.lora, p.x)
 
 
 class TestOverflow:
@@ -230,6 +232,21 @@ class TestExtremeBounds:
             with refused(ValueError, "method='exact'"):
                 choose(bound, degree=5)
         assert time.perf_counter() - t0 < 0.5
+
+    @FEW
+    @given(log_bound=st.floats(-3, 300), log_tol=st.floats(-12, -0.01), degree=st.none() | st.integers(1, 40))
+    def test_choose_either_meets_tol_or_refuses(self, log_bound, log_tol, degree):
+        bound, tol = 10.0**log_bound, 10.0**log_tol
+        with no_warnings():
+            try:
+                choice, dtype = choose(bound, tol=tol, degree=degree)
+            except ValueError as err:
+                assert "method='exact'" in str(err) or "shifted_taylor" in str(err)
+                return
+        assert choice.positive
+        # a fixed degree keeps its rounding within max(tol, its approximation error); a chosen one meets tol
+        budget = tol if degree is None else choice.approx_error + max(tol, choice.approx_error)
+        assert choice.total_error(dtype) <= budget
 
     @pytest.mark.parametrize("bound", [1e9, 1e30, 800.0])
     def test_direct_measurement_is_warning_free(self, bound):
