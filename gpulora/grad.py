@@ -4,8 +4,8 @@
 a priori: approximation plus estimated rounding of ``p ~ exp`` on ``[-M, M]``) and ``error_estimate`` (a
 posteriori, per call: :func:`error_estimate`). ``method="auto"`` never runs a polynomial whose ``eps``
 exceeds ``tol`` nor one over the feature budget (:mod:`gpulora.poly.budget`), and when the poly run's
-``error_estimate`` exceeds ``GRAD_TOL_FACTOR * tol`` it runs exact as well and returns that. ``method="poly"`` runs what it
-is asked and emits :class:`gpulora.AccuracyWarning` in both cases instead. A computation that overflows
+``error_estimate`` exceeds ``GRAD_TOL_FACTOR * tol`` it runs exact as well and returns that.
+``method="poly"`` runs what it is asked and emits :class:`gpulora.AccuracyWarning` in both cases instead. A computation that overflows
 the dtype although every input is finite raises ``ValueError``; nothing returns NaN or inf.
 
 Host reads, on CuPy (each one scalar or a few numbers, each a synchronisation): the finiteness check of
@@ -239,18 +239,18 @@ def _with_fallback(run, prob, p: Plan, requested: str, **kw):
 def _checked_poly(prob, p: Plan, requested: str, out, rerun, **kw):
     """``(p, out, estimate)`` after the a-posteriori check of a poly run (:func:`error_estimate`; 0 for exact).
 
-    Over ``GRAD_TOL_FACTOR * p.tol``: ``"auto"`` reruns with exact (the cost of both, less than twice exact's since auto chose
-    poly for being cheaper) and says why; ``"poly"`` warns with :class:`~gpulora.AccuracyWarning`.
+    Over ``GRAD_TOL_FACTOR * p.tol``: ``"auto"`` reruns with exact (the cost of both, less than twice
+    exact's since auto chose poly for being cheaper) and says why; ``"poly"`` warns with
+    :class:`~gpulora.AccuracyWarning` (unless the plan already did).
     """
     if p.method != "poly":
         return p, out, 0.0
     est = error_estimate(prob, p, math.sqrt(2 * max(backend.to_float(out[0]), 0.0)))
     if est <= GRAD_TOL_FACTOR * p.tol:
         return p, out, est
-    why = (f"the a-posteriori error estimate of the poly gradients, {est:.3g}, exceeds {GRAD_TOL_FACTOR:g} * "
-           f"tol = {GRAD_TOL_FACTOR * p.tol:.3g}: the "
-           f"residual O - y is small against the polynomial's output error (near a perfect fit the error "
-           f"is absolute, about tol * |V|, not relative)")
+    why = (f"the a-posteriori error estimate of the poly gradients, {est:.3g}, exceeds {GRAD_TOL_FACTOR:g} * tol "
+           f"= {GRAD_TOL_FACTOR * p.tol:.3g}: the residual O - y is small against the polynomial's output error "
+           f"(which is absolute, about 2 eps |V| with eps = {p.error_bound:.3g}, not relative to the residual)")
     if requested == "auto":
         p = dataclasses.replace(p, method="exact", note=f"auto: {why}; reran exact")
         return _with_fallback(rerun, prob, p, requested, **kw) + (0.0,)

@@ -406,7 +406,8 @@ class TestTorchTensorKinds:
         g = torch.Generator().manual_seed(0)
         w = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
         b, a = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
-        x, y = torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randn(10, 4, generator=g, dtype=torch.float64)
+        x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+        y = torch.randn(10, 4, generator=g, dtype=torch.float64)
         return w, {"q": (b, a)}, x, y
 
     def test_negative_bit_is_kept(self):
