@@ -2,8 +2,8 @@
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
 :func:`loss`, :func:`diagnose`, :func:`poly_features`, the warning category :class:`AccuracyWarning`,
-and the subpackage :mod:`gpulora.kernels`
-(Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or CuPy, float32 or float64.
+and the subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy
+or CuPy, float32 or float64.
 """
 
 from .diagnose import Diagnosis as Diagnosis
