@@ -1,9 +1,10 @@
 """gpulora: exact and almost-linear-time (polynomial method) LoRA gradients of attention heads.
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
-:func:`loss`, :func:`diagnose`, :func:`poly_features`; problems on disk in :mod:`gpulora.io`; the
-subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``; ``gpulora[ptx]``).
-Arrays are NumPy or CuPy, float32 or float64. The mathematics: docs/math.md.
+:func:`loss`, :func:`diagnose`, :func:`poly_features`, the warning category :class:`AccuracyWarning`;
+problems on disk in :mod:`gpulora.io`; the subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with
+``compile_ptx_all``; ``gpulora[ptx]``). Arrays are NumPy or CuPy, float32 or float64. The mathematics:
+docs/math.md.
 """
 
 import importlib.abc
@@ -16,6 +17,7 @@ from .diagnosis import diagnose as diagnose
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss
+from .model import AccuracyWarning as AccuracyWarning
 from .model import AdapterGrad as AdapterGrad
 from .model import GradResult as GradResult
 from .model import Head as Head
@@ -49,6 +51,7 @@ if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(os.path.
 
 __all__ = [
     "DEFAULT_TOL",
+    "AccuracyWarning",
     "AdapterGrad",
     "Diagnosis",
     "GradResult",
