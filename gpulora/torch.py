@@ -21,6 +21,7 @@ that of :func:`gpulora.lora_grad`, plus nothing for the conversions. See ``docs/
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Mapping
 
 import numpy as np
@@ -329,3 +330,12 @@ def peft_backward(att: PeftAttention, x, y, *, heads=1, beta=None, softmax_one=F
                 g = g.to(p.dtype)
                 p.grad = g.clone() if p.grad is None else p.grad + g
     return res
+
+
+# attention on torch tensors (autograd Function, options, run records) and the transformers registration
+from .torch_attention import AttentionFunction, Options, Run, attention, last_run, options, recording, set_options  # noqa: E402,I001
+
+if importlib.util.find_spec("transformers") is not None:
+    from . import hf_attention as _hf_attention  # noqa: E402
+
+    _hf_attention.register()
