@@ -1,16 +1,21 @@
 """gpulora: exact and almost-linear-time (polynomial method) LoRA gradients of attention heads.
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
-:func:`loss`, :func:`diagnose`, :func:`poly_features`, and the subpackage :mod:`gpulora.kernels`
-(Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or CuPy, float32 or float64.
+:func:`loss`, :func:`diagnose`, :func:`poly_features`, the q/k/v-level :func:`attention` and
+:func:`attention_vjp` (:mod:`gpulora.functional`), and the subpackage :mod:`gpulora.kernels` (Numba CUDA
+kernels, with ``compile_ptx_all``). Arrays are NumPy or CuPy, float32 or float64 (float16 and bfloat16
+at the q/k/v level, computed in float32).
 """
 
 from .diagnose import Diagnosis as Diagnosis
 from .diagnose import diagnose as diagnose
+from .functional import attention as attention
+from .functional import attention_vjp as attention_vjp
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss
 from .model import AdapterGrad as AdapterGrad
+from .model import AttentionGrad as AttentionGrad
 from .model import GradResult as GradResult
 from .model import Head as Head
 from .model import LoRA as LoRA
@@ -23,11 +28,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TOL",
     "AdapterGrad",
+    "AttentionGrad",
     "Diagnosis",
     "GradResult",
     "Head",
     "LoRA",
     "PolynomialFailure",
+    "attention",
+    "attention_vjp",
     "diagnose",
     "forward",
     "lora_grad",

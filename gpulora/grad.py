@@ -8,72 +8,17 @@ ratio). Everything else, the gradient chain included, stays on the device, on Cu
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
-import numpy as np
-
-from . import backend, cost
 from .adapters import adapter_grads, output_layout, prepare
-from .exact import attention as exact
+from .dispatch import Attention, check_options, plan, run_output, run_vjp
 from .model import GradResult, Head, LoRA
-from .poly import causal as causal_chain
-from .poly import chain
-from .poly.coefficients import FAMILIES, PolyChoice, choose
-from .validation import check_degree, check_method, check_tol
 
 __all__ = ["forward", "lora_grad", "loss"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What will run: ``method``, and for poly the polynomial and the compute dtype."""
-
-    method: str
-    bound: float
-    choice: PolyChoice | None = None
-    compute_dtype: np.dtype | None = None
-    note: str = ""
-
-
-def _check_options(method, degree, tol, causal, family):
-    check_method(method)
-    if degree is not None:
-        check_degree(degree)
-    if tol is not None:
-        check_tol(tol)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
-    if method == "exact" and (degree is not None or family is not None):
-        raise ValueError("degree and family apply to method='poly' or 'auto', not method='exact'")
-
-
-def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targets=("q", "k", "v")) -> Plan:
-    """Decide what runs for a prepared problem (see :func:`lora_grad` for ``method="auto"``)."""
-    bound = chain.score_bound(prob.q, prob.k, prob.beta)
-    if method == "exact":
-        return Plan("exact", bound)
-    dtype = np.dtype(prob.q.dtype)
-    try:
-        choice, compute = choose(bound, tol=tol, degree=degree, family=family, dtype=dtype)
-    except ValueError as err:
-        if method == "poly":
-            raise
-        return Plan("exact", bound, note=f"auto: poly cannot meet the tolerance here ({err})")
-    if method == "poly":
-        return Plan("poly", bound, choice, compute)
-    lead, L = math.prod(prob.q.shape[:2]), prob.q.shape[-2]
-    d_head, d_v = prob.q.shape[-1], prob.v.shape[-1]
-    name = "cupy" if backend.is_cupy(prob.q) else "numpy"
-    t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
-    t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=name,
-                                      causal=causal, float64_features=compute != dtype)
-    winner = "poly" if t_poly < t_exact else "exact"
-    note = (f"auto: estimated exact {t_exact:.3g} s vs poly {t_poly:.3g} s (degree {choice.degree} "
-            f"{choice.family}, k = {choice.features(d_head)}): ran {winner}")
-    return Plan(winner, bound, choice, compute, note)
+def _attention(prob, causal: bool):
+    """The prepared problem in the grouped layout of :mod:`gpulora.dispatch` (one query head per group)."""
+    return Attention(prob.xp, prob.q[:, :, None], prob.k[:, :, None], prob.v[:, :, None], prob.beta,
+                     causal=causal, softmax_one=prob.softmax_one)
 
 
 def _zero_d(prob, value):
@@ -81,31 +26,8 @@ def _zero_d(prob, value):
     return prob.xp.asarray(value, dtype=prob.x.dtype)
 
 
-def _run(prob, p: Plan, *, causal, need):
-    args = (prob.q, prob.k, prob.v, prob.y, prob.beta)
-    if p.method == "exact":
-        return exact.loss_and_grads(*args, causal=causal, softmax_one=prob.softmax_one, need=need)
-    impl = causal_chain if causal else chain
-    return impl.loss_and_grads(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one, need=need)
-
-
-def _output(prob, p: Plan, *, causal):
-    args = (prob.q, prob.k, prob.v, prob.beta)
-    if p.method == "exact":
-        return exact.attention_output(*args, causal=causal, softmax_one=prob.softmax_one)
-    impl = causal_chain if causal else chain
-    return impl.output(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one)
-
-
-def _with_fallback(run, prob, p: Plan, requested: str, **kw):
-    """``run(prob, p, **kw)``; under ``method="auto"`` a poly run that fails falls back to exact, and says so."""
-    try:
-        return p, run(prob, p, **kw)
-    except chain.PolynomialFailure as err:
-        if requested != "auto":
-            raise
-        p = dataclasses.replace(p, method="exact", note=f"auto: poly failed ({err}); fell back to exact")
-        return p, run(prob, p, **kw)
+def _ungroup(a):
+    return None if a is None else a[:, :, 0]
 
 
 def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=None, causal=False,
@@ -152,24 +74,14 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
         For bad input (naming the argument); for ``method="poly"`` when no polynomial can meet ``tol`` at
         this bound, or when the polynomial fails at run time (:class:`gpulora.PolynomialFailure`).
     """
-    _check_options(method, degree, tol, causal, family)
+    check_options(method, degree, tol, causal, family)
     prob = prepare(head, lora, x, y)
     need = lora.targets
-    p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=need)
-    p, (loss_, dq, dk, dv) = _with_fallback(_run, prob, p, method, causal=causal, need=need)
-    grads = adapter_grads(lora, prob, {"q": dq, "k": dk, "v": dv})
-    poly = p.method == "poly"
-    return GradResult(
-        loss=_zero_d(prob, loss_),
-        grads=grads,
-        method=p.method,
-        degree=p.choice.degree if poly else None,
-        features=p.choice.features(prob.q.shape[-1]) if poly else None,
-        bound=p.bound,
-        family=p.choice.family if poly else None,
-        compute_dtype=str(p.compute_dtype) if poly else None,
-        note=p.note,
-    )
+    att = _attention(prob, causal)
+    p = plan(att, method, degree=degree, tol=tol, family=family, targets=need)
+    p, (loss_, _, dq, dk, dv) = run_vjp(att, p, method, y=prob.y[:, :, None], need=need)
+    grads = adapter_grads(lora, prob, {"q": _ungroup(dq), "k": _ungroup(dk), "v": _ungroup(dv)})
+    return GradResult(loss=_zero_d(prob, loss_), grads=grads, **p.fields(prob.q.shape[-1]))
 
 
 def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None, causal=False, family=None):
@@ -177,18 +89,20 @@ def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None,
 
     Arguments as in :func:`lora_grad`. Cost ``O(L^2 d)`` exact, ``O(L k d_v)`` poly.
     """
-    _check_options(method, degree, tol, causal, family)
+    check_options(method, degree, tol, causal, family)
     prob = prepare(head, lora, x)
-    p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
-    _, o = _with_fallback(_output, prob, p, method, causal=causal)
-    return output_layout(prob, o)
+    att = _attention(prob, causal)
+    p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
+    _, o = run_output(att, p, method)
+    return output_layout(prob, _ungroup(o))
 
 
 def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None, causal=False, family=None):
     """The loss ``0.5 ||O - y||^2`` (summed over the batch) as a 0-d array; arguments as in :func:`lora_grad`."""
-    _check_options(method, degree, tol, causal, family)
+    check_options(method, degree, tol, causal, family)
     prob = prepare(head, lora, x, y)
-    p = plan(prob, method, degree=degree, tol=tol, causal=causal, family=family, targets=())
-    _, (loss_, _, _, _) = _with_fallback(_run, prob, p, method, causal=causal, need=())
+    att = _attention(prob, causal)
+    p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
+    _, (loss_, _, _, _, _) = run_vjp(att, p, method, y=prob.y[:, :, None], need=())
     return _zero_d(prob, loss_)
 

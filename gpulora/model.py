@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from . import backend
 from .validation import check_alpha, check_beta, check_real_array
 
-__all__ = ["TARGETS", "AdapterGrad", "GradResult", "Head", "LoRA"]
+__all__ = ["TARGETS", "AdapterGrad", "AttentionGrad", "GradResult", "Head", "LoRA"]
 
 TARGETS = ("q", "k", "v")
 
@@ -173,6 +173,36 @@ class GradResult:
 
     loss: Any
     grads: dict
+    method: str
+    degree: int | None = None
+    features: int | None = None
+    bound: float = 0.0
+    family: str | None = None
+    compute_dtype: str | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGrad:
+    """What :func:`gpulora.attention_vjp` returns: the vector-Jacobian product of attention.
+
+    Attributes
+    ----------
+    dq : array of shape (..., H, L, d_head)
+    dk : array of shape (..., H_kv, L, d_head)
+    dv : array of shape (..., H_kv, L, d_v)
+        ``dloss/dq``, ``dloss/dk``, ``dloss/dv`` for the given ``grad_output = dloss/dout`` (``dk``, ``dv``
+        summed over the query heads of each key/value head).
+    out : array of shape (..., H, L, d_v)
+        The attention output, computed on the way.
+    method, degree, features, bound, family, compute_dtype, note
+        As in :class:`GradResult`.
+    """
+
+    dq: Any
+    dk: Any
+    dv: Any
+    out: Any
     method: str
     degree: int | None = None
     features: int | None = None
