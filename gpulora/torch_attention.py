@@ -229,6 +229,7 @@ class AttentionFunction(torch.autograd.Function):
 
     ``apply(q, k, v, key_mask, call)``: ``call`` (a ``_Call``) carries ``beta``, ``causal`` and the plan
     that :func:`attention` resolved, so that the backward runs the same method and polynomial as the forward.
+    The backward is not itself differentiable: ``create_graph=True`` raises ``RuntimeError``.
     """
 
     @staticmethod
@@ -242,6 +243,9 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("gpulora's attention backward is not differentiable: double backward "
+                               "(create_graph=True) is not supported")
         q, k, v, key_mask = ctx.saved_tensors
         call, p = ctx.call, ctx.call.plan
         qa, ka, va, mask = _arrays(q, k, v, key_mask)

