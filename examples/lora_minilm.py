@@ -34,7 +34,8 @@ import transformers  # noqa: E402
 POSITIVE = ["What a lovely day.", "I enjoyed the film.", "The food was great.", "She smiled at me.",
             "This is good news.", "We won the game.", "The garden looks beautiful.", "Thanks, that helps a lot.",
             "The concert was wonderful.", "I love this book.", "Our trip was fun.", "He is very kind.",
-            "The new phone works well.", "Such a cheerful song.", "The team did brilliantly.", "Fresh bread smells nice."]
+            "The new phone works well.", "Such a cheerful song.", "The team did brilliantly.",
+            "Fresh bread smells nice."]
 NEGATIVE = ["What an awful day.", "I hated the film.", "The food was cold.", "She shouted at me.",
             "This is bad news.", "We lost the game.", "The garden is a mess.", "That did not help at all.",
             "The concert was boring.", "I dislike this book.", "Our trip was ruined.", "He is very rude.",
@@ -94,7 +95,7 @@ def plot(curves, out, batch):
     ax.semilogy(ref, color="tab:blue", lw=3, alpha=0.45, label='attn_implementation="sdpa"')
     ax.semilogy(got, color="tab:red", lw=1, label='attn_implementation="gpulora" (exact)')
     ax.set_ylabel("training loss")
-    ax.set_title(f"PEFT LoRA (r = 8, q/k/v) on all-MiniLM-L6-v2, Adam, batches of {batch} padded sentences")
+    ax.set_title(f"all-MiniLM-L6-v2, PEFT LoRA r = 8 on q/k/v, Adam, batches of {batch} sentences", fontsize=10)
     ax.legend()
     diff = [abs(a - b) / b for a, b in zip(got, ref)]
     ax2.semilogy(diff, color="black", lw=0.8)

@@ -1,7 +1,7 @@
 """gpulora as a Hugging Face transformers attention implementation (``attn_implementation="gpulora"``).
 
-:func:`register` (called by ``import gpulora.torch`` when transformers is importable) adds two entries under
-the name ``"gpulora"``:
+Importing this module (``import gpulora.torch`` does, when transformers is importable) calls :func:`register`,
+which adds two entries under the name ``"gpulora"``:
 
 * ``AttentionInterface``: :func:`attention_forward`, the function every attention layer calls with
   ``(module, query (B, H, L, d_head), key (B, H_kv, L, d_head), value (B, H_kv, L, d_v), attention_mask,
@@ -21,11 +21,11 @@ positions, and every gradient of a loss that does not read padded positions, equ
 
 from __future__ import annotations
 
-import importlib
 import importlib.machinery
 import importlib.util
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -164,7 +164,8 @@ def key_mask_from_hf(attention_mask, *, causal: bool, batch: int, q_len: int, kv
         return None, bool(causal) and q_len > 1
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
-    if attention_mask.ndim != 4 or attention_mask.shape[-2:] != (q_len, kv_len) or attention_mask.shape[0] not in (1, batch):
+    shape = tuple(attention_mask.shape)
+    if len(shape) != 4 or shape[-2:] != (q_len, kv_len) or shape[0] not in (1, batch):
         raise ValueError(f"attention_mask must have shape (batch, 1 or heads, {q_len}, {kv_len}) with batch "
                          f"{batch} or 1, got {tuple(attention_mask.shape)}")
     allowed = _allowed(attention_mask).expand(batch, q_len, kv_len)
@@ -232,3 +233,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     out = torch_attention.attention(query, key, value, key_mask=key_mask, causal=causal, beta=scaling,
                                     layer=_layer_name(module))
     return out.transpose(1, 2).contiguous(), None
+
+
+try:
+    register()
+except (ImportError, AttributeError) as _err:  # a transformers without the attention and mask interfaces
+    warnings.warn(f"gpulora: could not register attn_implementation='gpulora' with the installed transformers "
+                  f"({_err}); transformers >= 5 is needed", stacklevel=2)

