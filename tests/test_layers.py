@@ -40,7 +40,8 @@ def make_layer(seed=0, *, batch=2, L=11, d_model=6, heads=2, kv_heads=None, d_he
 
     w = {"q": scale * gauss(d_model, heads * d_head), "k": scale * gauss(d_model, kv * d_head),
          "v": gauss(d_model, kv * d_v)}
-    b = {t: 0.5 * rng.standard_normal(w[t].shape[1]) if bias else None for t in "qkv"}
+    b = {t: 0.5 * (scale if t != "v" else 1.0) * rng.standard_normal(w[t].shape[1]) if bias else None
+         for t in "qkv"}
     cast = (lambda a: None if a is None else a.astype(dtype))
     head = gpulora.Head(cast(w["q"]), cast(w["k"]), cast(w["v"]), heads=heads, kv_heads=kv_heads,
                         b_q=cast(b["q"]), b_k=cast(b["k"]), b_v=cast(b["v"]))
@@ -284,10 +285,7 @@ def test_mixed_dtypes_promote():
     assert o.dtype == np.float64
 
 
-# poly under each option the poly path takes (no key padding yet)
-POLY_CASES = [c for c in CASES if c[7] is None] + [CASES[1][:7] + (None,) + CASES[1][8:],
-                                                   CASES[2][:7] + (None,) + CASES[2][8:]]
-POLY_IDS = ["s{}-b{}-L{}-H{}-kv{}-{}-bias{}-{}-rope{}-causal{}-sm1{}".format(*c) for c in POLY_CASES]
+POLY_CASES, POLY_IDS = CASES, IDS
 
 
 @pytest.mark.parametrize("case", POLY_CASES, ids=POLY_IDS)
@@ -304,10 +302,10 @@ def test_poly_layer_equals_dense_formula_with_polynomial_weights(case):
     _assert_close(res.dx, dx, 1e-12, "dx")
 
 
-@pytest.mark.parametrize("case", POLY_CASES[:3], ids=POLY_IDS[:3])
+@pytest.mark.parametrize("case", POLY_CASES[:4], ids=POLY_IDS[:4])
 def test_poly_layer_holds_tol(case):
-    """Bounded scores: every adapter gradient and dx within 10 tol of exact."""
-    layer, causal = _layer(case, scale=0.5)
+    """Bounded scores (M = 0.6 .. 2.4): every adapter gradient and dx within 10 tol of exact."""
+    layer, causal = _layer(case, scale=0.2)
     tol = 1e-3
     kw = dict(causal=causal, return_dx=True, **layer.opts)
     ref = gpulora.lora_grad(layer.head, layer.lora, layer.x, layer.y, method="exact", **kw)
