@@ -114,10 +114,10 @@ def _key_valid(xp, key_mask, lengths, lead, L):
         raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
     if tuple(lengths.shape) != tuple(lead):
         raise ValueError(f"lengths must have shape {tuple(lead)} (one length per sequence), got {tuple(lengths.shape)}")
-    lo, hi = (int(backend.to_numpy(f(lengths))) for f in (np.min, np.max)) if lengths.size else (0, 0)
+    lengths = xp.asarray(lengths)
+    lo, hi = (int(backend.to_float(f(lengths))) for f in (xp.min, xp.max))  # one host read each
     if lo < 0 or hi > L:
         raise ValueError(f"lengths must lie in [0, L = {L}], got values in [{lo}, {hi}]")
-    lengths = xp.asarray(lengths)
     return xp.arange(L)[None, :] < xp.reshape(lengths, (-1, 1))
 
 

@@ -27,9 +27,9 @@ _LAYER_DOC = """
     rope_theta : float, optional
         Rotary position embeddings (Hugging Face LLaMA convention, rotate-half) with this base, applied to
         ``Q`` and ``K`` of every head after the projection (:mod:`gpulora.rotary`); ``d_head`` must be even.
-    position_ids : integer array of shape (L,) or (batch, L), optional
+    position_ids : integer array of shape (L,), (1, L) or (batch, L), optional
         Positions for ``rope_theta`` (default ``0 .. L-1``).
-    rope_cos, rope_sin : arrays of shape (L, d_head) or (batch, L, d_head), optional
+    rope_cos, rope_sin : arrays of shape (L, d_head), (1, L, d_head) or (batch, L, d_head), optional
         Explicit rotary tables (as a model's rotary module returns them), instead of ``rope_theta``."""
 
 

@@ -17,6 +17,7 @@ explicitly for a bit-for-bit match).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -50,9 +51,9 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
 
     The arrays must come from ``xp`` (the caller checks the namespace of all its arguments together).
 
-    Either ``rope_theta`` (a float > 0; ``position_ids`` integers of shape ``(L,)`` or ``lead + (L,)``,
-    default ``0 .. L-1``), or explicit ``rope_cos`` and ``rope_sin`` of shape ``(L, d_head)`` or
-    ``lead + (L, d_head)``. ``d_head`` must be even. Nothing given: ``None`` (no rotation).
+    Either ``rope_theta`` (a float > 0; ``position_ids`` integers of shape ``(L,)``, ``(1, L)`` or
+    ``lead + (L,)``, default ``0 .. L-1``), or explicit ``rope_cos`` and ``rope_sin`` of shape
+    ``(L, d_head)``, ``(1, L, d_head)`` or ``lead + (L, d_head)``. ``d_head`` must be even. Nothing given: ``None`` (no rotation).
     """
     given = {n: a for n, a in (("rope_theta", rope_theta), ("position_ids", position_ids), ("rope_cos", rope_cos),
                                ("rope_sin", rope_sin)) if a is not None}
@@ -66,18 +67,21 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
         raise ValueError("position_ids need rope_theta (the rotary base, e.g. 10000.0)")
     if d_head % 2:
         raise ValueError(f"rotary embeddings rotate pairs of coordinates: d_head must be even, got {d_head}")
-    shapes = [(L,), tuple(lead) + (L,)]
+    shapes = [(L,), (1,) * len(lead) + (L,), tuple(lead) + (L,)]
     if rope_cos is not None:
         tables = []
         for name, a in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
             check_real_array(name, a, half=True)
             if tuple(a.shape) not in [s + (d_head,) for s in shapes]:
-                raise ValueError(f"{name} must have shape {(L, d_head)} or {tuple(lead) + (L, d_head)}, "
+                raise ValueError(f"{name} must have shape {(L, d_head)}, {(1,) * len(lead) + (L, d_head)} or "
+                                 f"{tuple(lead) + (L, d_head)}, "
                                  f"got {tuple(a.shape)}")
             tables.append(xp.reshape(xp.astype(a, dtype, copy=False), (-1, 1, L, d_head)))
         return tables[0], tables[1]
-    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not rope_theta > 0:
-        raise ValueError(f"rope_theta must be a real number > 0, got {rope_theta!r}")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real):
+        raise TypeError(f"rope_theta must be a real number > 0, got {type(rope_theta).__name__}")
+    if not (math.isfinite(rope_theta) and rope_theta > 0):
+        raise ValueError(f"rope_theta must be a finite real number > 0, got {rope_theta!r}")
     if position_ids is None:
         pos = xp.astype(xp.arange(L), xp.float64)[None]
     else:
@@ -86,7 +90,7 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
         if np.dtype(position_ids.dtype).kind not in "iu":
             raise TypeError(f"position_ids must have an integer dtype, got {position_ids.dtype}")
         if tuple(position_ids.shape) not in shapes:
-            raise ValueError(f"position_ids must have shape {(L,)} or {tuple(lead) + (L,)}, "
+            raise ValueError(f"position_ids must have shape {(L,)}, {(1,) * len(lead) + (L,)} or {tuple(lead) + (L,)}, "
                              f"got {tuple(position_ids.shape)}")
         pos = xp.reshape(xp.astype(position_ids, xp.float64), (-1, L))
     inv_freq = float(rope_theta) ** (-xp.astype(xp.arange(0, d_head, 2), xp.float64) / d_head)

@@ -372,3 +372,36 @@ def test_bad_head_options_are_named():
     x, y = rng.standard_normal((4, 6)), rng.standard_normal((4, 3))
     with pytest.raises(ValueError, match="d_head must be even"):
         gpulora.lora_grad(odd, lo, x, y, rope_theta=1e4)
+
+
+def test_same_answer_on_each_backend(xp):
+    """NumPy in, NumPy out; CuPy in, CuPy out, equal to the NumPy result (every layer option at once)."""
+    layer, causal = _layer(CASES[2], scale=0.2)
+    ref = gpulora.lora_grad(layer.head, layer.lora, layer.x, grad_output=layer.g, causal=causal, return_dx=True,
+                            method="exact", **layer.opts)
+    dev = (lambda a: None if a is None else xp.asarray(a))
+    head = dataclasses.replace(layer.head, **{n: dev(getattr(layer.head, n))
+                                              for n in ("w_q", "w_k", "w_v", "b_q", "b_k", "b_v")})
+    lora = gpulora.LoRA({t: (dev(b), dev(a)) for t, (b, a) in layer.lora.adapters.items()}, alpha=layer.lora.alpha)
+    opts = {n: dev(a) if isinstance(a, np.ndarray) else a for n, a in layer.opts.items()}
+    res = gpulora.lora_grad(head, lora, dev(layer.x), grad_output=dev(layer.g), causal=causal, return_dx=True,
+                            method="exact", **opts)
+    assert isinstance(res.dx, type(dev(layer.x)))
+    assert rel_error(res.dx, ref.dx) < 1e-12
+    for t in ref.grads:
+        assert rel_error(res.grads[t].B, ref.grads[t].B) < 1e-12
+        assert rel_error(res.grads[t].A, ref.grads[t].A) < 1e-12
+
+
+def test_position_ids_broadcast_over_the_batch():
+    """position_ids of shape (1, L) (Hugging Face's default) mean the same positions for every sequence."""
+    layer, causal = _layer(CASES[4])
+    L = layer.x.shape[1]
+    batch2 = dataclasses.replace(layer, x=np.concatenate([layer.x, layer.x[::-1]]),
+                                 g=np.concatenate([layer.g, layer.g[::-1]]))
+    kw = dict(grad_output=batch2.g, causal=causal, return_dx=True, method="exact", rope_theta=100.0)
+    a = gpulora.lora_grad(batch2.head, batch2.lora, batch2.x, position_ids=np.arange(L)[None], **kw)
+    b = gpulora.lora_grad(batch2.head, batch2.lora, batch2.x, position_ids=np.tile(np.arange(L), (2, 1)), **kw)
+    c = gpulora.lora_grad(batch2.head, batch2.lora, batch2.x, **kw)
+    np.testing.assert_allclose(a.dx, b.dx, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(a.dx, c.dx, rtol=1e-14, atol=1e-15)
