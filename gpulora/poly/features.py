@@ -16,6 +16,7 @@ scales, same column order): on CuPy arrays it dispatches to the Numba kernel whe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,7 +25,7 @@ from .. import backend
 from .coefficients import FAMILIES, coefficients
 from .monomials import MonomialTable, monomial_table
 
-__all__ = ["feature_scales", "monomial_features", "monomial_features_reference", "poly_features"]
+__all__ = ["feature_scales", "monomial_features", "monomial_features_reference", "parent_runs", "poly_features"]
 
 
 def feature_scales(coef, d: int, side: str) -> np.ndarray:
@@ -36,34 +37,55 @@ def feature_scales(coef, d: int, side: str) -> np.ndarray:
     return np.sign(w) * scale if side == "query" else scale
 
 
+@functools.lru_cache(maxsize=64)
+def parent_runs(d: int, g: int) -> tuple:
+    """The columns of the monomial table for ``(d, g)`` as runs ``(parent, coord, start, stop)``: columns
+    ``start:stop`` are ``z^a(parent) * z[coord:coord + stop - start]`` (the children of one parent take
+    consecutive coordinates, by construction of :func:`gpulora.poly.monomials.monomial_table`).
+    ``C(d + g - 1, g - 1)`` runs, one per monomial of degree ``< g``. Cached."""
+    table = monomial_table(d, g)
+    runs, j = [], 1
+    while j < table.k:
+        p, c, stop = int(table.parent[j]), int(table.coord[j]), j
+        while stop < table.k and table.parent[stop] == p:
+            stop += 1
+        if not np.array_equal(table.coord[j:stop], np.arange(c, c + stop - j)):
+            raise AssertionError("monomial table: the children of a parent must take consecutive coordinates")
+        runs.append((p, c, j, stop))
+        j = stop
+    return tuple(runs)
+
+
 def monomial_features_reference(z, table: MonomialTable, scale):
-    """Scaled monomials of the rows of ``z``, built degree by degree (array-API code, NumPy or CuPy).
+    """Scaled monomials of the rows of ``z``, built parent by parent (array-API code, NumPy or CuPy).
 
     Parameters
     ----------
     z : array of shape (..., L, d)
     table : MonomialTable for ``(d, g)``
-    scale : array of shape (k,), same namespace and dtype as ``z``
+    scale : array of shape (k,), same namespace and dtype as ``z``, or None
+        None: the plain monomials ``z^a`` (the chain applies the scales to its ``k x W`` states instead).
 
     Returns
     -------
     array of shape (..., L, k)
-        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)``. Built feature-major, ``(..., k, L)``, so that
-        every gather copies contiguous rows of length ``L``; the result is the transposed view (matmuls
-        take either layout without a copy).
+        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)`` time and memory, no temporary larger than
+        ``(..., d, L)``. Built feature-major, ``(..., k, L)``: the children of each parent are one multiply
+        of that parent's row by a contiguous slice of the rows of ``z^T`` (:func:`parent_runs`), so every
+        operation streams contiguous rows of length ``L`` and no index array is gathered. The result is the
+        transposed view (matmuls take either layout without a copy). ``C(d + g - 1, g - 1)`` array
+        operations: call it on blocks of at least a few hundred rows.
     """
     xp = backend.namespace(z)
-    zt = xp.asarray(z.mT, copy=True)  # [..., d, L], contiguous
-    out = backend.empty(z.shape[:-2] + (table.k, z.shape[-2]), z.dtype, xp)  # [..., k, L]
+    lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
+    zt = backend.empty(lead + (d, L), z.dtype, xp)  # [..., d, L], C-contiguous rows
+    zt[...] = z.mT
+    out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
     out[..., 0, :] = 1
-    starts = table.degree_start
-    for m in range(1, table.g + 1):
-        lo, hi = int(starts[m]), int(starts[m + 1])
-        parent = xp.asarray(table.parent[lo:hi].astype(np.int64))
-        coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
-        # rows of degree m from those of degree m - 1: one multiply each
-        out[..., lo:hi, :] = xp.take(out, parent, axis=-2) * xp.take(zt, coord, axis=-2)
-    out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
+    for p, c, start, stop in parent_runs(table.d, table.g):
+        out[..., start:stop, :] = out[..., p:p + 1, :] * zt[..., c:c + stop - start, :]
+    if scale is not None:
+        out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
     return out.mT
 
 
@@ -73,6 +95,8 @@ def monomial_features(z, table: MonomialTable, scale):
         from .. import kernels
 
         if kernels.available():
+            if scale is None:
+                scale = backend.namespace(z).ones((table.k,), dtype=z.dtype)
             return kernels.feature_map(z, table, scale)
     return monomial_features_reference(z, table, scale)
 
