@@ -232,9 +232,9 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         phi = fq(beta * qb)  # [B, m, C, k]
         psi = xp.where(kr, fk(kb), 0.0)
         a = xp.where(lay.tril, phi @ psi.mT, 0.0)  # [B, m, C, C]: in-chunk weights, masked to j <= i
-        states, carry = _exclusive(xp, carry, psi.mT @ key_rhs(vb, kb, with_k))  # [B, m, k, W]
-        x = _grid(phi @ states, 1 + d_v)  # [B, m, C, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
-        raw = x[..., 0, 0:1] + row_sums(a)
+        states, carry = _exclusive(xp, carry, psi.mT @ key_rhs(xp, vb, kb, with_k))  # [B, m, k, W]
+        x = _grid(phi @ states, 1 + d_v, xp)  # [B, m, C, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
+        raw = x[..., 0, 0:1] + row_sums(a, xp)
         nk = n_keys[:, c0:c1]
         real = xp.logical_and(qr, nk > 0)
         ratio = xp.where(real, xp.astype(raw, xp.float64) / xp.where(nk > 0, nk * choice.min_value, 1.0),
@@ -253,12 +253,12 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         g = xp.where(qr, g, 0.0)
         if loss is not None:
             loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
-        r = row_sums(g * o)  # [B, m, C, 1]
+        r = row_sums(g * o, xp)  # [B, m, C, 1]
         saved["g"][:, c0:c1], saved["r"][:, c0:c1], saved["den"][:, c0:c1] = g, r, den
         if need & {"q", "k"}:
             p = f * (g @ vb.mT - r)  # [B, m, C, C]: dloss/dS on the block
         if "q" in need:
-            parts_out["q"][:, c0:c1] = beta * (kron_apply(x[..., 1:], xp.concat([-r, g], axis=-1)) / den + p @ kb)
+            parts_out["q"][:, c0:c1] = beta * (kron_apply(x[..., 1:], xp.concat([-r, g], axis=-1), xp) / den + p @ kb)
         if "k" in need:
             parts_out["k"][:, c0:c1] = beta * (p.mT @ qb)
         if "v" in need:
@@ -296,13 +296,13 @@ def backward_sweep(lay: _Layout, fwd: CausalForward, beta, choice: PolyChoice, *
         g, r = fwd.g[:, c0:c1], fwd.r[:, c0:c1]
         u = fq(beta * qb) / fwd.den[:, c0:c1]
         psi = xp.where(lay.key_real[:, c0:c1], fk(kb), 0.0)
-        states, carry = _exclusive(xp, carry, u.mT @ query_rhs(g, r, qb, with_k), reverse=True)  # [B, m, k, W]
-        x = _grid(psi @ states, rows)  # [B, m, C, rows, cols]
+        states, carry = _exclusive(xp, carry, u.mT @ query_rhs(xp, g, r, qb, with_k), reverse=True)  # [B, m, k, W]
+        x = _grid(psi @ states, rows, xp)  # [B, m, C, rows, cols]
         if "v" in need:
             fwd.dv[:, c0:c1] += x[..., 1:, 0] if with_k else x[..., 0]
         if "k" in need:
             v1 = xp.concat([-xp.ones(vb.shape[:-1] + (1,), dtype=dtype), vb], axis=-1)
-            fwd.dk[:, c0:c1] += beta * kron_apply(x[..., 1:], v1)
+            fwd.dk[:, c0:c1] += beta * kron_apply(x[..., 1:], v1, xp)
     return QueryState(lay.lead_state(carry), loss, worst, d_v, d_head, with_k)
 
 

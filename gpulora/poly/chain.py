@@ -44,7 +44,8 @@ and the block's stacked right-hand sides ``(Lb, W)``, ``W = 1 + d_v + d_head + d
 ``(k, W)``. :func:`block_rows` picks ``Lb`` so that these block arrays fit ``budget`` bytes over all leading
 indices (default :data:`DEFAULT_BUDGET`, 256 MiB: small beside a GPU's memory, and at least
 :data:`MIN_BLOCK_ROWS` rows). Pass 3 recomputes the key features rather than keeping them from pass 1:
-building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs. Peak memory is therefore
+building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and measured faster than keeping them
+(``L x k`` more memory, read back from RAM: 25 % slower at ``d_head = 8``, ``g = 2``, float32). Peak memory is therefore
 ``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: measured 0.53 GiB at ``k = 4845``
 (``d_head = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB before streaming).
 
@@ -88,7 +89,7 @@ __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", 
 
 DEFAULT_BUDGET = 1 << 28  # bytes for one block's arrays, over all leading indices
 MIN_BLOCK_ROWS = 16
-CACHE_BYTES = 8 << 20  # speed: a block's arrays that stay in the last-level cache
+CACHE_BYTES = 2 << 20  # speed: a block's arrays that stay in cache (measured best of 1, 2, 4, 8, 32 MiB)
 FAST_MIN_ROWS = 1024  # speed: below this the per-block overhead and thin GEMMs cost more than cache misses
 FEATURE_TEMPORARIES = 4  # the features plus up to three (Lb, k) temporaries while they are built
 RHS_TEMPORARIES = 4  # right-hand side, GEMM result, Kronecker temporaries
@@ -150,10 +151,12 @@ def _stack_add(a, b):
     return None if a is None else a + b
 
 
-def _grid(data, rows: int):
+def _grid(data, rows: int, xp=None):
     """``(..., k, rows * cols)`` stacked states as the ``(..., k, rows, cols)`` grid (a view)."""
-    return data if data is None else backend.namespace(data).reshape(
-        data, data.shape[:-1] + (rows, data.shape[-1] // rows))
+    if data is None:
+        return None
+    xp = backend.namespace(data) if xp is None else xp
+    return xp.reshape(data, data.shape[:-1] + (rows, data.shape[-1] // rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,12 +312,12 @@ class _Features:
         return self.table.k
 
     def __call__(self, z):
-        return monomial_features(z, self.table, self.scale)
+        return monomial_features(z, self.table, self.scale, self.xp)
 
     def rows(self, a, lo, hi, factor=None):
         """Rows ``lo:hi`` of ``a`` in the compute dtype, and the plain monomials of those rows times ``factor``."""
         z = self.xp.astype(a[..., lo:hi, :], self.dtype, copy=False)
-        return z, monomial_features(z if factor is None else factor * z, self.table, None)
+        return z, monomial_features(z if factor is None else factor * z, self.table, None, self.xp)
 
     def scaled(self, states):
         """``diag(scale) states`` for ``states (..., k, W)``."""
@@ -331,19 +334,25 @@ def _with_ones(xp, a):
     return xp.concat([xp.ones(a.shape[:-1] + (1,), dtype=a.dtype), a], axis=-1)
 
 
-def key_rhs(vb, kb, with_k: bool):
+def _rebuilt(feat: _Features, k, key_mask, blocks):
+    """``(lo, hi, monomials)`` of the key blocks, masked keys zeroed, built one block at a time."""
+    for lo, hi in blocks:
+        _, psi = feat.rows(k, lo, hi)
+        m = _mask_column(feat.xp, key_mask, lo, hi, feat.dtype)
+        yield lo, hi, (psi if m is None else psi * m)
+
+
+def key_rhs(xp, vb, kb, with_k: bool):
     """The right-hand side of pass 1 for a block: ``V' (x) K'`` (``[1 | V]`` and ``[1 | K]``, or ``[1]``),
     shape ``(..., Lb, KeyState.width)``."""
-    xp = backend.namespace(vb, kb)
     v1 = _with_ones(xp, vb)
-    return kron_rows(v1, _with_ones(xp, kb)) if with_k else v1
+    return kron_rows(v1, _with_ones(xp, kb), xp) if with_k else v1
 
 
-def query_rhs(g, r, qb, with_k: bool):
+def query_rhs(xp, g, r, qb, with_k: bool):
     """The right-hand side of pass 2's query sums for a block (before the ``1 / D`` row scaling):
     ``[r | G] (x) [1 | Q]`` with ``with_k``, else ``G``."""
-    xp = backend.namespace(g, r, qb)
-    return kron_rows(xp.concat([r, g], axis=-1), _with_ones(xp, qb)) if with_k else g
+    return kron_rows(xp.concat([r, g], axis=-1), _with_ones(xp, qb), xp) if with_k else g
 
 
 def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, compute_dtype=None,
@@ -361,12 +370,10 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     feat = _Features(xp, d_head, choice, "key", dtype)
     width = KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k, width), dtype=dtype)
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
-        kb, psi = feat.rows(k, lo, hi)
-        m = _mask_column(xp, key_mask, lo, hi, dtype)
-        if m is not None:
-            psi = psi * m
-        data += psi.mT @ key_rhs(xp.astype(v[..., lo:hi, :], dtype, copy=False), kb, with_k)
+    blocks = _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget))
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
+        kb, vb = (xp.astype(a[..., lo:hi, :], dtype, copy=False) for a in (k, v))
+        data += psi.mT @ key_rhs(xp, vb, kb, with_k)
     if key_mask is None:
         count = xp.full(lead, float(L), dtype=xp.float64)
     else:
@@ -429,7 +436,7 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     min_den = xp.full(lead + (1, 1), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
     for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
         qb, phi = feat.rows(q, lo, hi, beta)
-        x = _grid(phi @ key_states, 1 + d_v)  # [..., Lb, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
+        x = _grid(phi @ key_states, 1 + d_v, xp)  # [..., Lb, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
         den = x[..., 0, 0:1]  # [..., Lb, 1]
         m = None if query_mask is None else query_mask[..., lo:hi, None]
         min_den = xp.minimum(min_den, xp.min(den if m is None else xp.where(m, den, math.inf), axis=-2,
@@ -450,12 +457,12 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
             g = xp.where(m, g, 0.0)
         if loss is not None:
             loss = loss + 0.5 * xp.sum(g * g, dtype=xp.float64)
-        r = row_sums(g * o)  # [..., Lb, 1]
+        r = row_sums(g * o, xp)  # [..., Lb, 1]
         if "q" in need:
-            dq = kron_apply(x[..., 1:], xp.concat([-r, g], axis=-1)) * (beta * winv)
+            dq = kron_apply(x[..., 1:], xp.concat([-r, g], axis=-1), xp) * (beta * winv)
             rows["dq"][..., lo:hi, :] = xp.astype(dq, out_dtype, copy=False)
         if with_state:
-            data += phi.mT @ (query_rhs(g, r, qb, with_k) * winv)
+            data += phi.mT @ (query_rhs(xp, g, r, qb, with_k) * winv)
     # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
     count = keys.count[..., None, None]
     ratio = xp.where(count > 0, xp.astype(min_den, xp.float64) / xp.where(count > 0, count, 1.0), math.inf)
@@ -484,20 +491,17 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     query_states = feat.scaled(queries.data)
     rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, queries.data.shape[-1],
-                                        xp.finfo(dtype).bits // 8, budget)):
-        _, psi = feat.rows(k, lo, hi)
-        m = _mask_column(xp, key_mask, lo, hi, dtype)
-        if m is not None:
-            psi = psi * m
-        x = _grid(psi @ query_states, rows_of_grid)  # [..., Lb, rows, cols]
+    blocks = _blocks(L, block_rows(L, math.prod(lead), feat.k, queries.data.shape[-1], xp.finfo(dtype).bits // 8,
+                                   budget))
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
+        x = _grid(psi @ query_states, rows_of_grid, xp)  # [..., Lb, rows, cols]
         if "v" in need:
             dv = x[..., 1:, 0] if queries.with_k else x[..., 0]
             out["dv"][..., lo:hi, :] = xp.astype(dv, out_dtype, copy=False)
         if "k" in need:
             vb = xp.astype(v[..., lo:hi, :], dtype, copy=False)
             v1 = xp.concat([-xp.ones(vb.shape[:-1] + (1,), dtype=dtype), vb], axis=-1)
-            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], v1), out_dtype, copy=False)
+            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], v1, xp), out_dtype, copy=False)
     return out
 
 

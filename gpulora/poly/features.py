@@ -56,7 +56,7 @@ def parent_runs(d: int, g: int) -> tuple:
     return tuple(runs)
 
 
-def monomial_features_reference(z, table: MonomialTable, scale):
+def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
     """Scaled monomials of the rows of ``z``, built parent by parent (array-API code, NumPy or CuPy).
 
     Parameters
@@ -65,6 +65,7 @@ def monomial_features_reference(z, table: MonomialTable, scale):
     table : MonomialTable for ``(d, g)``
     scale : array of shape (k,), same namespace and dtype as ``z``, or None
         None: the plain monomials ``z^a`` (the chain applies the scales to its ``k x W`` states instead).
+    xp : namespace of ``z``, optional (probed when not given)
 
     Returns
     -------
@@ -76,20 +77,21 @@ def monomial_features_reference(z, table: MonomialTable, scale):
         transposed view (matmuls take either layout without a copy). ``C(d + g - 1, g - 1)`` array
         operations: call it on blocks of at least a few hundred rows.
     """
-    xp = backend.namespace(z)
+    xp = backend.namespace(z) if xp is None else xp
     lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
     zt = backend.empty(lead + (d, L), z.dtype, xp)  # [..., d, L], C-contiguous rows
     zt[...] = z.mT
     out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
     out[..., 0, :] = 1
     for p, c, start, stop in parent_runs(table.d, table.g):
-        out[..., start:stop, :] = out[..., p:p + 1, :] * zt[..., c:c + stop - start, :]
+        out[..., start:stop, :] = zt[..., c:c + stop - start, :]
+        out[..., start:stop, :] *= out[..., p:p + 1, :]  # in place: no temporary to allocate
     if scale is not None:
         out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
     return out.mT
 
 
-def monomial_features(z, table: MonomialTable, scale):
+def monomial_features(z, table: MonomialTable, scale, xp=None):
     """:func:`monomial_features_reference`, or the Numba CUDA kernel for CuPy arrays where available."""
     if backend.is_cupy(z):
         from .. import kernels
@@ -98,7 +100,7 @@ def monomial_features(z, table: MonomialTable, scale):
             if scale is None:
                 scale = backend.namespace(z).ones((table.k,), dtype=z.dtype)
             return kernels.feature_map(z, table, scale)
-    return monomial_features_reference(z, table, scale)
+    return monomial_features_reference(z, table, scale, xp)
 
 
 def poly_features(z, degree, *, family="taylor", bound=None, side="key"):
