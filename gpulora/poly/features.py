@@ -25,7 +25,7 @@ from .. import backend
 from .coefficients import FAMILIES, coefficients
 from .monomials import MonomialTable, monomial_table
 
-__all__ = ["feature_scales", "monomial_features", "monomial_features_reference", "parent_runs", "poly_features"]
+__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs", "poly_features"]
 
 
 def feature_scales(coef, d: int, side: str) -> np.ndarray:
@@ -35,6 +35,9 @@ def feature_scales(coef, d: int, side: str) -> np.ndarray:
     w = np.asarray(coef, dtype=np.float64)[table.degree] * table.multinomial
     scale = np.sqrt(np.abs(w))
     return np.sign(w) * scale if side == "query" else scale
+
+
+RUNS_MIN_ROWS = 1024  # measured crossover (d_head 8..16, g 2..4): parent runs win from here on
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,7 +60,7 @@ def parent_runs(d: int, g: int) -> tuple:
 
 
 def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
-    """Scaled monomials of the rows of ``z``, built parent by parent (array-API code, NumPy or CuPy).
+    """Scaled monomials of the rows of ``z`` (array-API code, NumPy or CuPy).
 
     Parameters
     ----------
@@ -70,12 +73,13 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
     Returns
     -------
     array of shape (..., L, k)
-        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)`` time and memory, no temporary larger than
-        ``(..., d, L)``. Built feature-major, ``(..., k, L)``: the children of each parent are one multiply
-        of that parent's row by a contiguous slice of the rows of ``z^T`` (:func:`parent_runs`), so every
-        operation streams contiguous rows of length ``L`` and no index array is gathered. The result is the
-        transposed view (matmuls take either layout without a copy). ``C(d + g - 1, g - 1)`` array
-        operations: call it on blocks of at least a few hundred rows.
+        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)`` time and memory. Built feature-major,
+        ``(..., k, L)``, so that every operation streams contiguous rows of length ``L``; the result is the
+        transposed view (matmuls take either layout without a copy). From :data:`RUNS_MIN_ROWS` rows (over
+        all leading indices) on, parent by parent: the children of each parent are that parent's row times a
+        contiguous slice of the rows of ``z^T`` (:func:`parent_runs`; ``C(d + g - 1, g - 1)`` operations, no
+        gather, no temporary). Below, degree by degree (``g`` gathers of the parents and coordinates):
+        fewer, larger operations, which is what short blocks need.
     """
     xp = backend.namespace(z) if xp is None else xp
     lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
@@ -83,9 +87,18 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
     zt[...] = z.mT
     out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
     out[..., 0, :] = 1
-    for p, c, start, stop in parent_runs(table.d, table.g):
-        out[..., start:stop, :] = zt[..., c:c + stop - start, :]
-        out[..., start:stop, :] *= out[..., p:p + 1, :]  # in place: no temporary to allocate
+    if math.prod(lead) * L >= RUNS_MIN_ROWS:
+        for p, c, start, stop in parent_runs(table.d, table.g):
+            out[..., start:stop, :] = zt[..., c:c + stop - start, :]
+            out[..., start:stop, :] *= out[..., p:p + 1, :]  # in place: no temporary to allocate
+    else:
+        starts = table.degree_start
+        for m in range(1, table.g + 1):
+            lo, hi = int(starts[m]), int(starts[m + 1])
+            parent = xp.asarray(table.parent[lo:hi].astype(np.int64))
+            coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
+            # rows of degree m from those of degree m - 1: one multiply each
+            out[..., lo:hi, :] = xp.take(out, parent, axis=-2) * xp.take(zt, coord, axis=-2)
     if scale is not None:
         out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
     return out.mT
