@@ -103,10 +103,6 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
         if method == "poly":
             raise
         return Plan("exact", bound, note=f"auto: poly cannot meet the tolerance here ({err})")
-    if att.key_valid is not None:
-        if method == "poly":
-            raise ValueError("key_mask (or lengths) is not yet supported by method='poly'; use method='exact'")
-        return Plan("exact", bound, note="auto: the poly path does not take a key mask yet: ran exact")
     if method == "poly":
         return Plan("poly", bound, choice, compute)
     lead, L = math.prod(att.q.shape[:-2]), att.q.shape[-2]
@@ -121,12 +117,10 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
     return Plan(winner, bound, choice, compute, note)
 
 
-def _expanded(att: Attention):
-    """``(q, k, v)`` with ``k``, ``v`` repeated over the group axis (the poly chain takes equal leading axes)."""
-    xp, shape = att.xp, att.q.shape[:-2]
-    k = xp.broadcast_to(att.k, shape + att.k.shape[-2:])
-    v = xp.broadcast_to(att.v, shape + att.v.shape[-2:])
-    return att.q, k, v
+def _expanded(att: Attention, a):
+    """A key/value array repeated over the group axis (a broadcast view: the causal chain and the rounding
+    check take equal leading axes)."""
+    return att.xp.broadcast_to(a, att.q.shape[:-2] + a.shape[-2:])
 
 
 def _group_sum(att: Attention, a):
@@ -136,36 +130,61 @@ def _group_sum(att: Attention, a):
     return att.xp.sum(a, axis=2, keepdims=True)
 
 
-def _poly_output(att: Attention, p: Plan):
-    impl = causal_chain if att.causal else chain
-    q, k, v = _expanded(att)
-    return impl.output(q, k, v, att.beta, p.choice, p.compute_dtype, softmax_one=att.softmax_one)
+def _poly_chain(att: Attention, p: Plan, y, grad_output, need):
+    """Non-causal poly: the three streamed passes of :mod:`gpulora.poly.chain`, the output kept from pass 2.
+
+    Grouped-query attention costs nothing extra: the key states of a key/value head serve its whole group
+    (broadcast in pass 2), and the query states of the group are summed before pass 3 (the states are sums).
+    """
+    xp, q, k, v, beta, mask = att.xp, att.q, att.k, att.v, att.beta, att.key_valid
+    dtype = p.compute_dtype
+    chain.check_extreme_pairs(beta * xp.astype(q, dtype, copy=False), xp.astype(_expanded(att, k), dtype, copy=False),
+                              p.choice, query_mask=mask, key_mask=mask)
+    keys = chain.key_pass(k, v, p.choice, need=need, key_mask=mask, compute_dtype=dtype)
+    rows, state = chain.query_pass(q, keys, beta, p.choice, y=y, grad_output=grad_output, query_mask=mask,
+                                   softmax_one=att.softmax_one, need=need)
+    chain.check_normaliser_ratio(state.worst, p.choice)
+    grads = {}
+    if (y is not None or grad_output is not None) and set(need) & {"k", "v"}:
+        if state.data.shape[2] != k.shape[2]:
+            state = dataclasses.replace(state, data=xp.sum(state.data, axis=2, keepdims=True))
+        grads = chain.key_grad_pass(k, v, state, beta, p.choice, need=need, key_mask=mask)
+    loss = None if state.loss is None else xp.astype(state.loss, q.dtype)
+    return loss, rows["o"], rows.get("dq"), grads.get("dk"), grads.get("dv")
 
 
-def _poly_vjp(att: Attention, p: Plan, y, grad_output, need):
-    impl = causal_chain if att.causal else chain
-    q, k, v = _expanded(att)
-    o = impl.output(q, k, v, att.beta, p.choice, p.compute_dtype, softmax_one=att.softmax_one)
-    if y is None:
-        # the chain's G = O~ - Y is the given upstream gradient when Y = O~ - G
-        y = o - grad_output
-    loss, dq, dk, dv = impl.loss_and_grads(q, k, v, y, att.beta, p.choice, p.compute_dtype,
-                                           softmax_one=att.softmax_one, need=need)
-    return (loss if grad_output is None else None), o, dq, _group_sum(att, dk), _group_sum(att, dv)
+def _poly_causal(att: Attention, p: Plan, y, grad_output, need):
+    """Causal poly: the forward and backward sweeps of :mod:`gpulora.poly.causal`, the output kept from the
+    forward sweep (keys and values repeated over each group, their gradients summed back)."""
+    xp, q, beta, mask = att.xp, att.q, att.beta, att.key_valid
+    lay = causal_chain._layout(q, _expanded(att, att.k), _expanded(att, att.v), beta, p.choice, p.compute_dtype,
+                               None, None, mask, mask)
+    target = y if y is not None else grad_output
+    mode = None if target is None else ("y" if y is not None else "grad_output")
+    fwd = causal_chain.forward_sweep(lay, beta, p.choice, target=None if target is None else lay.padded(target),
+                                     mode=mode, softmax_one=att.softmax_one, need=need)
+    chain.check_normaliser_ratio(fwd.worst, p.choice)
+    if mode is not None and set(need) & {"k", "v"}:
+        causal_chain.backward_sweep(lay, fwd, beta, p.choice, need=need)
+    grads = {t: None if a is None or t not in need else lay.unpad(a, q.dtype)
+             for t, a in (("q", fwd.dq), ("k", fwd.dk), ("v", fwd.dv))}
+    loss = None if fwd.loss is None else xp.astype(fwd.loss, q.dtype)
+    return (loss, lay.unpad(fwd.o, q.dtype), grads["q"], _group_sum(att, grads["k"]),
+            _group_sum(att, grads["v"]))
 
 
 def _vjp(att: Attention, p: Plan, *, y, grad_output, need):
     if p.method == "exact":
         return exact.attention_vjp(att.q, att.k, att.v, att.beta, y=y, grad_output=grad_output, causal=att.causal,
                                    softmax_one=att.softmax_one, key_valid=att.key_valid, need=need)
-    return _poly_vjp(att, p, y, grad_output, need)
+    return (_poly_causal if att.causal else _poly_chain)(att, p, y, grad_output, need)
 
 
 def _output(att: Attention, p: Plan):
     if p.method == "exact":
         return exact.attention_output(att.q, att.k, att.v, att.beta, causal=att.causal, softmax_one=att.softmax_one,
                                       key_valid=att.key_valid)
-    return _poly_output(att, p)
+    return (_poly_causal if att.causal else _poly_chain)(att, p, None, None, ())[1]
 
 
 def _with_fallback(run, att: Attention, p: Plan, requested: str, **kw):

@@ -1,49 +1,63 @@
-"""The public entry points: validate, plan (exact or poly, which polynomial, which precision), run, pack.
+"""The public entry points for LoRA heads: validate, plan (exact or poly, which polynomial, which precision),
+run, pack.
 
 Host reads, on CuPy (each one scalar or a few numbers, each a synchronisation): the finiteness check of
-every input array, the score bound ``M`` (the degree choice needs it on the host), and the poly path's two
-run-time checks (``3 * batch * H`` feature products at the extreme rows, and the smallest normaliser
-ratio). Everything else, the gradient chain included, stays on the device, on CuPy's current stream.
+every input array, the score bound ``M`` (the degree choice needs it on the host), the range check of
+``lengths``, and the poly path's two run-time checks (``3 * batch * H`` feature products at the extreme
+rows, and the smallest normaliser ratio). Everything else, the gradient chain included, stays on the
+device, on CuPy's current stream.
 """
 
 from __future__ import annotations
 
-from .adapters import adapter_grads, output_layout, prepare
-from .dispatch import Attention, check_options, plan, run_output, run_vjp
+from .adapters import adapter_grads, input_grad, output_layout, prepare, projection_grads
+from .dispatch import check_options, plan, run_output, run_vjp
 from .model import GradResult, Head, LoRA
+from .validation import check_bool
 
 __all__ = ["forward", "lora_grad", "loss"]
 
+_LAYER_DOC = """
+    key_mask : boolean array of shape (L,) or (batch, L), optional
+        True = real token. Padded keys are excluded from every row; padded query rows get zero output
+        and zero gradient, and the loss sums over real rows only.
+    lengths : integer array of shape () or (batch,), optional
+        Instead of ``key_mask``: sequence ``b`` has ``lengths[b]`` real tokens, then padding
+        (``0 <= lengths <= L``).
+    rope_theta : float, optional
+        Rotary position embeddings (Hugging Face LLaMA convention, rotate-half) with this base, applied to
+        ``Q`` and ``K`` of every head after the projection (:mod:`gpulora.rotary`); ``d_head`` must be even.
+    position_ids : integer array of shape (L,), (1, L) or (batch, L), optional
+        Positions for ``rope_theta`` (default ``0 .. L-1``).
+    rope_cos, rope_sin : arrays of shape (L, d_head), (1, L, d_head) or (batch, L, d_head), optional
+        Explicit rotary tables (as a model's rotary module returns them), instead of ``rope_theta``."""
 
-def _attention(prob, causal: bool):
-    """The prepared problem in the grouped layout of :mod:`gpulora.dispatch` (one query head per group)."""
-    return Attention(prob.xp, prob.q[:, :, None], prob.k[:, :, None], prob.v[:, :, None], prob.beta,
-                     causal=causal, softmax_one=prob.softmax_one)
 
-
-def _zero_d(prob, value):
-    """A 0-d array in the namespace and dtype of ``x`` (NumPy reductions give scalars otherwise)."""
-    return prob.xp.asarray(value, dtype=prob.x.dtype)
-
-
-def _ungroup(a):
-    return None if a is None else a[:, :, 0]
-
-
-def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=None, causal=False,
-              family=None) -> GradResult:
-    """Loss and gradients of ``0.5 ||attention(x) - y||^2`` with respect to every adapter's ``B`` and ``A``.
+def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, return_dx=False, method="auto", degree=None,
+              tol=None, causal=False, family=None, key_mask=None, lengths=None, rope_theta=None, position_ids=None,
+              rope_cos=None, rope_sin=None) -> GradResult:
+    """Gradients with respect to every adapter's ``B`` and ``A`` (and ``x``) of the paper's loss
+    ``0.5 ||attention(x) - y||^2``, or of any loss whose gradient ``grad_output = dloss/dO`` is given.
 
     Parameters
     ----------
     head : Head
-        Frozen weights ``w_q, w_k (d_model, H d_head)``, ``w_v (d_model, H d_v)``, ``beta``.
+        Frozen weights ``w_q (d_model, H d_head)``, ``w_k (d_model, H_kv d_head)``, ``w_v (d_model, H_kv d_v)``,
+        optional biases, ``beta``, ``heads``, ``kv_heads``.
     lora : LoRA
         Adapters for a non-empty subset of ``"q"``, ``"k"``, ``"v"``.
     x : array of shape (L, d_model) or (batch, L, d_model)
-        NumPy or CuPy, float32 or float64; results come back in its namespace and dtype.
-    y : array of shape (L, H d_v) or (batch, L, H d_v)
-        Targets, same leading shape as ``x``.
+        NumPy or CuPy, float16, bfloat16 (ml_dtypes), float32 or float64. The arithmetic runs in NumPy's
+        promotion of all the inputs' dtypes (float32 for half precision); results come back in that
+        promoted dtype and in the namespace of ``x``.
+    y : array of shape (L, H d_v) or (batch, L, H d_v), optional
+        Targets, same leading shape as ``x``. Exactly one of ``y`` and ``grad_output``.
+    grad_output : array of shape (L, H d_v) or (batch, L, H d_v), optional
+        The upstream gradient ``dloss/dO`` of the attention output (heads concatenated as in ``y``): the
+        backward of the layer inside a network. ``GradResult.loss`` is then ``None``.
+    return_dx : bool
+        Also return ``dloss/dx`` (``GradResult.dx``, shaped like ``x``); the attention gradients of all
+        three projections are then computed whatever the adapted targets.
     method : {"auto", "exact", "poly"}
         ``"exact"``: ``O(L^2 d)`` time, memory linear in ``L`` (blocked). ``"poly"``: the polynomial method
         (Hu et al. 2025), ``O(L k d_v d_head)`` time with ``k = C(d_head + g, g)``. ``"auto"``: computes the
@@ -61,12 +75,12 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
     causal : bool
         Mask ``j > i``.
     family : {"taylor", "shifted_taylor", "chebyshev"}, optional
-        Restrict the polynomial family (by default chosen with the degree).
+        Restrict the polynomial family (by default chosen with the degree).{layer}
 
     Returns
     -------
     GradResult
-        ``loss``, ``grads[target].B / .A``, ``method`` that ran, ``degree``, ``features``, ``bound``.
+        ``loss``, ``grads[target].B / .A``, ``dx``, ``method`` that ran, ``degree``, ``features``, ``bound``.
 
     Raises
     ------
@@ -75,34 +89,51 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
         this bound, or when the polynomial fails at run time (:class:`gpulora.PolynomialFailure`).
     """
     check_options(method, degree, tol, causal, family)
-    prob = prepare(head, lora, x, y)
-    need = lora.targets
-    att = _attention(prob, causal)
+    check_bool("return_dx", return_dx)
+    if (y is None) == (grad_output is None):
+        raise ValueError("give exactly one of y (targets of the loss) and grad_output (an upstream gradient dO)")
+    prob = prepare(head, lora, x, y, grad_output=grad_output, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
+                   position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
+    need = ("q", "k", "v") if return_dx else lora.targets
+    att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=need)
-    p, (loss_, _, dq, dk, dv) = run_vjp(att, p, method, y=prob.y[:, :, None], need=need)
-    grads = adapter_grads(lora, prob, {"q": _ungroup(dq), "k": _ungroup(dk), "v": _ungroup(dv)})
-    return GradResult(loss=_zero_d(prob, loss_), grads=grads, **p.fields(prob.q.shape[-1]))
+    upstream = {"y": prob.grouped(prob.y)} if y is not None else {"grad_output": prob.grouped(prob.grad_output)}
+    p, (loss_, _, dq, dk, dv) = run_vjp(att, p, method, need=need, **upstream)
+    d_proj = projection_grads(prob, {"q": prob.ungrouped(dq), "k": prob.ungrouped(dk), "v": prob.ungrouped(dv)})
+    return GradResult(
+        loss=None if loss_ is None else prob.scalar(loss_),
+        grads=adapter_grads(lora, prob, d_proj),
+        dx=input_grad(prob, d_proj) if return_dx else None,
+        **p.fields(head.d_head),
+    )
 
 
-def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None, causal=False, family=None):
+def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None, causal=False, family=None,
+            key_mask=None, lengths=None, rope_theta=None, position_ids=None, rope_cos=None, rope_sin=None):
     """Attention output ``O`` of shape ``(L, H d_v)`` or ``(batch, L, H d_v)``, exactly or by the polynomial method.
 
-    Arguments as in :func:`lora_grad`. Cost ``O(L^2 d)`` exact, ``O(L k d_v)`` poly.
+    Arguments as in :func:`lora_grad` (padded rows of ``O`` are 0). Cost ``O(L^2 d)`` exact, ``O(L k d_v)`` poly.
     """
     check_options(method, degree, tol, causal, family)
-    prob = prepare(head, lora, x)
-    att = _attention(prob, causal)
+    prob = prepare(head, lora, x, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
+                   position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
+    att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
     _, o = run_output(att, p, method)
-    return output_layout(prob, _ungroup(o))
+    return output_layout(prob, prob.ungrouped(o))
 
 
-def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None, causal=False, family=None):
-    """The loss ``0.5 ||O - y||^2`` (summed over the batch) as a 0-d array; arguments as in :func:`lora_grad`."""
+def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None, causal=False, family=None,
+         key_mask=None, lengths=None, rope_theta=None, position_ids=None, rope_cos=None, rope_sin=None):
+    """The loss ``0.5 ||O - y||^2`` (summed over the batch and the real rows) as a 0-d array; arguments as in
+    :func:`lora_grad`."""
     check_options(method, degree, tol, causal, family)
-    prob = prepare(head, lora, x, y)
-    att = _attention(prob, causal)
+    prob = prepare(head, lora, x, y, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
+                   position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
+    att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
-    _, (loss_, _, _, _, _) = run_vjp(att, p, method, y=prob.y[:, :, None], need=())
-    return _zero_d(prob, loss_)
+    _, (loss_, _, _, _, _) = run_vjp(att, p, method, y=prob.grouped(prob.y), need=())
+    return prob.scalar(loss_)
 
+
+lora_grad.__doc__ = lora_grad.__doc__.replace("{layer}", _LAYER_DOC)

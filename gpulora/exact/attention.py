@@ -11,8 +11,9 @@ For the paper's loss ``0.5 ||O - Y||^2`` the upstream gradient is ``G = O - Y``,
 
 **Masks.** Causal: entries ``j > i`` of ``S`` are ``-inf``. A key mask ``key_valid (..., L)`` (True =
 attend) excludes the masked keys (``-inf`` in their columns) and marks the query rows at masked positions
-as padding: their output is 0 and their ``G`` is taken as 0, so they contribute nothing to any gradient
-(their scores are replaced by zeros internally, which keeps fully masked rows finite). Softmax_1 adds a
+as padding: their output is 0 and their ``G`` is taken as 0, so they contribute nothing to any gradient.
+A padding row may have no key at all (left padding under ``causal``): its row max and sum are replaced by
+0 and 1, which keeps it finite (weights 0) at a per-row cost. Softmax_1 adds a
 virtual key with score 0 and value 0 to every row (``F = e^S / (1 + rowsum e^S)``); its Jacobian has the
 same form, so ``P`` is unchanged.
 
@@ -60,18 +61,17 @@ def block_sizes(lead: int, L: int, block_q=None, block_k=None) -> tuple[int, int
 def scores(xp, qb, kb, beta, i0, j0, causal, fill=-math.inf, key_valid=None):
     """Scores ``beta qb kb^T`` of the query rows from ``i0`` and key rows from ``j0``, shape ``[lead, bq, bk]``.
 
-    With ``causal``, entries ``j > i`` are ``fill``. With ``key_valid (..., L)`` (True = attend), the
-    columns of masked keys are ``fill`` and the rows of masked (padding) queries are 0.
+    Entries ``j > i`` (with ``causal``) and the columns of masked keys (``key_valid (..., L)`` False) are
+    ``fill``; both masks are applied in one pass over the block.
     """
     s = beta * (qb @ kb.mT)
+    allowed = None
     if causal:
-        i = xp.arange(i0, i0 + qb.shape[-2])[:, None]
-        j = xp.arange(j0, j0 + kb.shape[-2])[None, :]
-        s = xp.where(j > i, fill, s)
+        allowed = xp.arange(j0, j0 + kb.shape[-2])[None, :] <= xp.arange(i0, i0 + qb.shape[-2])[:, None]
     if key_valid is not None:
-        s = xp.where(key_valid[..., None, j0:j0 + kb.shape[-2]], s, fill)
-        s = xp.where(key_valid[..., i0:i0 + qb.shape[-2], None], s, 0.0)
-    return s
+        keys = key_valid[..., None, j0:j0 + kb.shape[-2]]
+        allowed = keys if allowed is None else xp.logical_and(allowed, keys)
+    return s if allowed is None else xp.where(allowed, s, fill)
 
 
 def _sum_to(xp, a, shape):
@@ -81,6 +81,12 @@ def _sum_to(xp, a, shape):
     return xp.reshape(xp.sum(a, axis=axes), shape) if axes else a
 
 
+def _finite_max(xp, m):
+    """Row maxima with those of rows that have no key at all (all scores ``-inf``: padding rows) set to 0;
+    with their sums set to 1 (``xp.where(l == 0, 1.0, l)``) their weights are 0 and their log-sum-exp finite."""
+    return xp.where(m == -math.inf, 0.0, m)
+
+
 def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, key_valid):
     """Output, row log-sum-exp and (single key block only) the weights ``F`` of one query block."""
     if kv_end <= block_k:
@@ -88,10 +94,14 @@ def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, 
         m = xp.max(s, axis=-1, keepdims=True)
         if softmax_one:
             m = xp.maximum(m, 0.0)
+        if key_valid is not None:
+            m = _finite_max(xp, m)
         e = xp.exp(s - m)
         l = xp.sum(e, axis=-1, keepdims=True)
         if softmax_one:
             l = l + xp.exp(-m)
+        if key_valid is not None:
+            l = xp.where(l == 0, 1.0, l)
         f = e / l
         return f @ v[..., :kv_end, :], m + xp.log(l), f
     lead = tuple(max(a, b) for a, b in zip(qb.shape[:-2], k.shape[:-2]))
@@ -105,12 +115,14 @@ def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, 
         s = scores(xp, qb, k[..., j0:j1, :], beta, i0, j0, causal, key_valid=key_valid)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         # a row whose keys so far are all masked keeps m = -inf: shift by 0 there (its terms are all 0)
-        shift = xp.where(m_new == -math.inf, 0.0, m_new)
+        shift = _finite_max(xp, m_new) if key_valid is not None else m_new
         e = xp.exp(s - shift)
         rescale = xp.exp(m - shift)
         l = l * rescale + xp.sum(e, axis=-1, keepdims=True)
         o = o * rescale + e @ v[..., j0:j1, :]
         m = m_new
+    if key_valid is not None:
+        m, l = _finite_max(xp, m), xp.where(l == 0, 1.0, l)
     return o / l, m + xp.log(l), None
 
 

@@ -16,8 +16,8 @@ import math
 
 from .. import backend
 
-__all__ = ["dense_attention_vjp", "dense_loss_grads", "dense_vjp", "dense_weights", "repeat_kv", "rope_cos_sin_reference",
-           "rotate_half_reference"]
+__all__ = ["dense_attention_vjp", "dense_layer", "dense_loss_grads", "dense_vjp", "dense_weights", "repeat_kv",
+           "rope_cos_sin_reference", "rotate_half_reference", "rotation_matrices"]
 
 
 def dense_weights(s, *, causal=False, softmax_one=False, coef=None, key_mask=None):
@@ -130,3 +130,75 @@ def rotate_half_reference(x, cos, sin):
     xp = backend.namespace(x, cos, sin)
     h = x.shape[-1] // 2
     return x * cos + xp.concat([-x[..., h:], x[..., :h]], axis=-1) * sin
+
+
+def rotation_matrices(cos, sin):
+    """The rotary map as explicit matrices ``R (..., L, d, d)`` with ``rope(x)_i = sum_j R_ij x_j``, built
+    from the tables entry by entry (``R_ii = cos_i``; ``R_{i, i+d/2} = -sin_i``, ``R_{i+d/2, i} = sin_{i+d/2}``)."""
+    xp = backend.namespace(cos, sin)
+    d = cos.shape[-1]
+    h = d // 2
+    eye = xp.eye(d, dtype=cos.dtype)
+    # rotate_half as a matrix: out_i = -x_{i+h} (i < h), out_i = x_{i-h} (i >= h)
+    rot = xp.concat([xp.concat([xp.zeros((h, h), dtype=cos.dtype), -xp.eye(h, dtype=cos.dtype)], axis=1),
+                     xp.concat([xp.eye(h, dtype=cos.dtype), xp.zeros((h, h), dtype=cos.dtype)], axis=1)], axis=0)
+    return cos[..., :, None] * eye + sin[..., :, None] * rot
+
+
+def dense_layer(head, lora, x, *, y=None, grad_output=None, causal=False, key_mask=None, cos=None, sin=None,
+                coef=None):
+    """A whole layer call, densely in NumPy float64: ``(loss, out, {t: (dB, dA)}, dx)``.
+
+    ``head``/``lora`` are a :class:`gpulora.Head` and :class:`gpulora.LoRA`; ``x (batch, L, d_model)``;
+    ``y`` or ``grad_output`` ``(batch, L, H d_v)``; ``key_mask (batch, L)``; ``cos``, ``sin``
+    ``(batch or 1, L, d_head)`` rotary tables (applied as explicit matrices, :func:`rotation_matrices`).
+    Merged weights, biases, heads split by reshaping, :func:`dense_attention_vjp`, then the chain rule
+    written out: ``dW = x^T dP``, ``dB = s dW A^T``, ``dA = s B^T dW``, ``dx = sum_t dP_t W_t^T``.
+    ``coef`` gives polynomial weights instead of the softmax. ``O(L^2)`` memory.
+    """
+    import numpy as np
+
+    f64 = [np.asarray(backend.to_numpy(a), dtype=np.float64) if a is not None else None
+           for a in (x, y, grad_output, cos, sin)]
+    x, y, grad_output, cos, sin = f64
+    b, L, _ = x.shape
+    H, H_kv, d, dv = head.heads, head.kv_heads, head.d_head, head.d_v
+    w, proj = {}, {}
+    for t, heads in (("q", H), ("k", H_kv), ("v", H_kv)):
+        w[t] = np.asarray(backend.to_numpy(head.weight(t)), dtype=np.float64)
+        if t in lora.adapters:
+            bb, aa = (np.asarray(backend.to_numpy(a), dtype=np.float64) for a in lora.adapters[t])
+            w[t] = w[t] + lora.scaling(t) * bb @ aa
+        p = x @ w[t]
+        if head.bias(t) is not None:
+            p = p + np.asarray(backend.to_numpy(head.bias(t)), dtype=np.float64)
+        proj[t] = p.reshape(b, L, heads, -1).transpose(0, 2, 1, 3)
+    rot = None if cos is None else rotation_matrices(cos, sin)[:, None]  # (b or 1, 1, L, d, d)
+    q, k = proj["q"], proj["k"]
+    if rot is not None:
+        q, k = np.einsum("...ij,...j->...i", rot, q), np.einsum("...ij,...j->...i", rot, k)
+    loss = None
+    if y is not None:
+        mask = None if key_mask is None else np.asarray(backend.to_numpy(key_mask))
+        o = dense_attention_vjp(q, k, proj["v"], np.zeros((b, H, L, dv)), beta=head.beta, causal=causal,
+                                key_mask=mask, softmax_one=head.softmax_one, coef=coef)[0]
+        g = o.transpose(0, 2, 1, 3).reshape(b, L, H * dv) - y
+        if mask is not None:
+            g = g * mask[..., None]
+        loss = 0.5 * np.sum(g * g)
+        grad_output = g
+    mask = None if key_mask is None else np.asarray(backend.to_numpy(key_mask))
+    go = grad_output.reshape(b, L, H, dv).transpose(0, 2, 1, 3)
+    o, dq, dk, dvv = dense_attention_vjp(q, k, proj["v"], go, beta=head.beta, causal=causal, key_mask=mask,
+                                         softmax_one=head.softmax_one, coef=coef)
+    if rot is not None:
+        dq, dk = np.einsum("...ji,...j->...i", rot, dq), np.einsum("...ji,...j->...i", rot, dk)
+    dp = {t: a.transpose(0, 2, 1, 3).reshape(b, L, -1) for t, a in (("q", dq), ("k", dk), ("v", dvv))}
+    grads = {}
+    for t, (bb, aa) in lora.adapters.items():
+        bb, aa = (np.asarray(backend.to_numpy(a), dtype=np.float64) for a in (bb, aa))
+        dw = np.einsum("bli,blj->ij", x, dp[t])
+        s = lora.scaling(t)
+        grads[t] = (s * dw @ aa.T, s * bb.T @ dw)
+    dx = sum(dp[t] @ w[t].T for t in ("q", "k", "v"))
+    return loss, o.transpose(0, 2, 1, 3).reshape(b, L, H * dv), grads, dx
