@@ -160,16 +160,17 @@ def _bounded_llama(seed=0):
     return model
 
 
-@pytest.mark.parametrize("tol", [1e-2, 1e-4])
-def test_poly_holds_tol_on_bounded_model(tol):
+@pytest.mark.parametrize("tol, lengths", [(1e-2, [24, 24]), (1e-4, [24, 17])])
+def test_poly_holds_tol_on_bounded_model(tol, lengths):
     model = _bounded_llama()
-    emb, mask, weights = _inputs(torch.float64, 2, 24, 32, [24, 24], False)
+    emb, mask, weights = _inputs(torch.float64, 2, 24, 32, lengths, False)
     h_ref, ref = _grads(model, "sdpa", emb, mask, weights)
     with gt.recording() as runs:
         h, got = _grads(model, "gpulora", emb, mask, weights, method="poly", tol=tol)
     assert {(r.phase, r.method) for r in runs} == {("forward", "poly"), ("backward", "poly")}
     assert all(r.bound < 0.5 and r.degree >= 1 for r in runs)
-    assert rel_error(h.numpy(), h_ref.numpy()) <= 10 * tol
+    valid = mask.bool()  # padding positions differ by convention (zero attention output under gpulora)
+    assert rel_error(h[valid].numpy(), h_ref[valid].numpy()) <= 10 * tol
     for name, g in ref.items():
         assert rel_error(got[name].numpy(), g.numpy()) <= 10 * tol, name
     # auto picks a method itself, and says which

@@ -297,15 +297,17 @@ def test_attention_backward_matches_torch_autograd(case, engine):
     assert [(r.phase, r.engine) for r in runs] == want
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal, padded", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("tol", [1e-3, 1e-6])
-def test_attention_poly_holds_tol_on_bounded_scores(causal, tol):
-    """Scores bounded by construction (|q|, |k| <= ~1.4): the poly forward and backward stay within 10 tol."""
+def test_attention_poly_holds_tol_on_bounded_scores(causal, padded, tol):
+    """Scores bounded by construction (unit q, k, beta 1.5): the poly forward and backward stay within 10 tol."""
     q, k, v, d_out = _qkv(61, 2, 4, 2, 40, 4, 4)
     q, k = (t / t.norm(dim=-1, keepdim=True) for t in (q, k))
-    ref_out, ref = _vjp(lambda q, k, v: _torch_attention(q, k, v, None, causal, 1.5), q, k, v, d_out)
+    key_mask = (torch.arange(40)[None, :] < torch.tensor([[40], [29]])) if padded else None
+    ref_out, ref = _vjp(lambda q, k, v: _torch_attention(q, k, v, key_mask, causal, 1.5), q, k, v, d_out)
     with gt.recording() as runs, gt.options(method="poly", tol=tol):
-        out, got = _vjp(lambda q, k, v: gt.attention(q, k, v, causal=causal, beta=1.5), q, k, v, d_out)
+        out, got = _vjp(lambda q, k, v: gt.attention(q, k, v, key_mask=key_mask, causal=causal, beta=1.5),
+                        q, k, v, d_out)
     assert [(r.phase, r.method) for r in runs] == [("forward", "poly"), ("backward", "poly")]
     assert runs[0].degree == runs[1].degree and runs[0].bound <= 1.5 + 1e-12
     assert rel_error(out.numpy(), ref_out.numpy()) <= 10 * tol
