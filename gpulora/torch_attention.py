@@ -305,7 +305,7 @@ def attention(q, k, v, *, key_mask=None, causal=False, beta=None, layer=None, **
     ------
     TypeError, ValueError
         For bad input, naming the argument (e.g. ``q``, ``key_mask``, ``k`` when ``H_kv`` does not divide
-        ``H``); ``method="poly"`` with a key mask (not supported by the polynomial path yet).
+        ``H``); :class:`gpulora.PolynomialFailure` when ``method="poly"`` fails at run time.
 
     Examples
     --------
