@@ -46,6 +46,14 @@ class Attention:
         """``a (N, ., ., L, d)`` with its padding rows zeroed (a new array; ``a`` itself when unmasked)."""
         return a if self.key_valid is None else self.xp.where(self.key_valid[..., None], a, 0.0)
 
+    def without_padding(self) -> Attention:
+        """This call with the padding rows of ``q``, ``k`` and ``v`` zeroed: they take part in no result, and
+        whatever finite values they hold can then overflow no score, feature or product. ``O(L d)``."""
+        if self.key_valid is None:
+            return self
+        return dataclasses.replace(self, q=self.masked_rows(self.q), k=self.masked_rows(self.k),
+                                   v=self.masked_rows(self.v))
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -93,7 +101,8 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
     estimates the cost of both methods for these sizes (:mod:`gpulora.cost`) and picks the cheaper one that
     meets ``tol``; it picks exact, and says why in ``note``, when no polynomial meets ``tol``.
     """
-    bound = chain.score_bound(att.masked_rows(att.q), att.masked_rows(att.k), att.beta)
+    clean = att.without_padding()
+    bound = chain.score_bound(clean.q, clean.k, att.beta)
     if method == "exact":
         return Plan("exact", bound)
     dtype = np.dtype(att.q.dtype)
@@ -138,8 +147,8 @@ def _poly_chain(att: Attention, p: Plan, y, grad_output, need):
     """
     xp, q, k, v, beta, mask = att.xp, att.q, att.k, att.v, att.beta, att.key_valid
     dtype = p.compute_dtype
-    chain.check_extreme_pairs(beta * xp.astype(q, dtype, copy=False), xp.astype(_expanded(att, k), dtype, copy=False),
-                              p.choice, query_mask=mask, key_mask=mask)
+    chain.check_extreme_pairs(beta * xp.astype(q, dtype, copy=False),
+                              xp.astype(_expanded(att, k), dtype, copy=False), p.choice, query_mask=mask, key_mask=mask)
     keys = chain.key_pass(k, v, p.choice, need=need, key_mask=mask, compute_dtype=dtype)
     rows, state = chain.query_pass(q, keys, beta, p.choice, y=y, grad_output=grad_output, query_mask=mask,
                                    softmax_one=att.softmax_one, need=need)
@@ -201,9 +210,10 @@ def _with_fallback(run, att: Attention, p: Plan, requested: str, **kw):
 def run_vjp(att: Attention, p: Plan, requested: str, *, y=None, grad_output=None, need=("q", "k", "v")):
     """``(plan that ran, (loss, out, dq, dk, dv))`` for targets ``y`` or an upstream gradient ``grad_output``
     (``(N, H_kv, n_rep, L, d_v)``); see :func:`gpulora.exact.attention.attention_vjp`."""
-    return _with_fallback(_vjp, att, p, requested, y=y, grad_output=grad_output, need=tuple(need))
+    return _with_fallback(_vjp, att.without_padding(), p, requested, y=y, grad_output=grad_output,
+                          need=tuple(need))
 
 
 def run_output(att: Attention, p: Plan, requested: str):
     """``(plan that ran, out)`` with ``out`` of shape ``(N, H_kv, n_rep, L, d_v)``."""
-    return _with_fallback(_output, att, p, requested)
+    return _with_fallback(_output, att.without_padding(), p, requested)
