@@ -43,11 +43,13 @@ states. A query with no real key attends to nothing: zero output (and ``D = 1`` 
 and the block's stacked right-hand sides ``(Lb, W)``, ``W = 1 + d_v + d_head + d_v d_head``, plus the states
 ``(k, W)``. :func:`block_rows` picks ``Lb`` so that these block arrays fit ``budget`` bytes over all leading
 indices (default :data:`DEFAULT_BUDGET`, 256 MiB: small beside a GPU's memory, and at least
-:data:`MIN_BLOCK_ROWS` rows). Pass 3 recomputes the key features rather than keeping them from pass 1:
+:data:`MIN_BLOCK_ROWS` rows); on the CPU, blocks are smaller still where that keeps them in cache
+(:data:`CACHE_BYTES`, faster). Pass 3 recomputes the key features rather than keeping them from pass 1:
 building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and measured faster than keeping them
 (``L x k`` more memory, read back from RAM: 25 % slower at ``d_head = 8``, ``g = 2``, float32). Peak memory is therefore
-``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: measured 0.53 GiB at ``k = 4845``
-(``d_head = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB before streaming).
+``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: tracemalloc measured a peak of
+0.15 GiB at ``k = 4845`` (``d_head = d_v = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB
+before streaming).
 
 **Cost** ``O(batch H L k d_v d_head)`` time (``k = C(d_head + g, g)``).
 
@@ -110,18 +112,28 @@ def score_bound(q, k, beta) -> float:
     return beta * math.sqrt(max(backend.to_float(xp.max(qn * kn)), 0.0))
 
 
-def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
+def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int = DEFAULT_BUDGET,
+               cache_bytes: int | None = CACHE_BYTES) -> int:
     """Rows per block ``Lb`` (at most ``L``).
 
     Memory: ``lead Lb itemsize (4 k + 4 W) <= budget`` (the features with the temporaries of their
     construction, the right-hand sides, the GEMM result and the Kronecker temporaries of ``W = width``
-    columns). Speed: no more rows than keep ``lead Lb itemsize (k + 3 W)`` within :data:`CACHE_BYTES`, but
+    columns). Speed (CPU): no more rows than keep ``lead Lb itemsize (k + 3 W)`` within ``cache_bytes``, but
     at least :data:`FAST_MIN_ROWS` (a cache-resident block measured 1.5-3x faster per row than whole-``L``
-    arrays at small ``k``; large ``k`` is GEMM-bound either way). Never below :data:`MIN_BLOCK_ROWS`.
+    arrays at small ``k``; large ``k`` is GEMM-bound either way). ``cache_bytes=None`` (the passes on CuPy:
+    no CPU cache to fit, and launches favour few large blocks) fills the budget. Never below
+    :data:`MIN_BLOCK_ROWS`.
     """
-    cap = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
-    fast = max(FAST_MIN_ROWS, CACHE_BYTES // max(lead * itemsize * (k + 3 * width), 1))
-    return max(1, min(L, max(MIN_BLOCK_ROWS, min(cap, fast))))
+    rows = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
+    if cache_bytes is not None:
+        rows = min(rows, max(FAST_MIN_ROWS, cache_bytes // max(lead * itemsize * (k + 3 * width), 1)))
+    return max(1, min(L, max(MIN_BLOCK_ROWS, rows)))
+
+
+def _pass_blocks(xp, like, L: int, lead: tuple, k: int, width: int, dtype, budget: int):
+    """The ``(lo, hi)`` blocks of one pass (:func:`block_rows`; no cache rule for CuPy arrays)."""
+    cache = None if backend.is_cupy(like) else CACHE_BYTES
+    return _blocks(L, block_rows(L, math.prod(lead), k, width, xp.finfo(dtype).bits // 8, budget, cache))
 
 
 def _blocks(L: int, step: int):
@@ -370,8 +382,7 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     feat = _Features(xp, d_head, choice, "key", dtype)
     width = KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k, width), dtype=dtype)
-    blocks = _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget))
-    for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, _pass_blocks(xp, k, L, lead, feat.k, width, dtype, budget)):
         kb, vb = (xp.astype(a[..., lo:hi, :], dtype, copy=False) for a in (k, v))
         data += psi.mT @ key_rhs(xp, vb, kb, with_k)
     if key_mask is None:
@@ -434,7 +445,7 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     data = xp.zeros(lead + (feat.k, qw), dtype=dtype) if with_state else None
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
     min_den = xp.full(lead + (1, 1), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
+    for lo, hi in _pass_blocks(xp, q, L, lead, feat.k, width, dtype, budget):
         qb, phi = feat.rows(q, lo, hi, beta)
         x = _grid(phi @ key_states, 1 + d_v, xp)  # [..., Lb, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
         den = x[..., 0, 0:1]  # [..., Lb, 1]
@@ -491,8 +502,7 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     query_states = feat.scaled(queries.data)
     rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
-    blocks = _blocks(L, block_rows(L, math.prod(lead), feat.k, queries.data.shape[-1], xp.finfo(dtype).bits // 8,
-                                   budget))
+    blocks = _pass_blocks(xp, k, L, lead, feat.k, queries.data.shape[-1], dtype, budget)
     for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
         x = _grid(psi @ query_states, rows_of_grid, xp)  # [..., Lb, rows, cols]
         if "v" in need:

@@ -177,6 +177,10 @@ def test_block_rows_follow_the_budget():
             assert rows == min(L, chain.MIN_BLOCK_ROWS) or lead * rows * per_row(k, w, itemsize) <= budget
             # never fewer rows than the budget and the speed floor allow
             assert rows >= min(L, budget // (lead * per_row(k, w, itemsize)), chain.FAST_MIN_ROWS)
+    # without the cache rule (CuPy) the blocks fill the budget
+    assert chain.block_rows(65536, 1, 45, 81, 4, cache_bytes=None) == 65536
+    rows = chain.block_rows(65536, 1, 4845, 289, 8, cache_bytes=None)
+    assert rows * per_row(4845, 289, 8) <= chain.DEFAULT_BUDGET < (rows + 1) * per_row(4845, 289, 8)
     assert chain.block_rows(65536, 1, 4845, 289, 8, budget=1) == chain.MIN_BLOCK_ROWS
     assert chain.block_rows(5, 1, 4845, 289, 8, budget=1) == 5
 
