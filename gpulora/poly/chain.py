@@ -17,17 +17,22 @@ attention output for any upstream gradient (``r_i = g_i . o~_i`` as well).
 
 **Three passes over blocks of rows.** Everything above is a sum over keys or a sum over queries, so the
 chain runs as three streamed passes, each building the features of one block of rows, doing one GEMM
-against the stacked states, and keeping nothing of size ``L x k``:
+against stacked states, and keeping nothing of size ``L x k``. The states are Kronecker grids, so that a
+block's right-hand side is one row-wise Kronecker product and its readout one batched ``(1, p) @ (p, q)``:
 
-1. :func:`key_pass` (key blocks): :class:`KeyState`, the sums over keys ``[Psi^T 1 | Psi^T V | Psi^T K |
-   T_K]`` (the last two when ``dQ`` is needed) and the number of keys; one GEMM
-   ``Psi_b^T [1 | V_b | K_b | V_b (x) K_b]`` per block.
-2. :func:`query_pass` (query blocks, given the summed key states): ``Phi_b [z | S_V | S_K | T_K]`` in one
-   GEMM gives ``D``, ``O~``, and with ``G`` the ``dQ`` rows; then :class:`QueryState`, the sums over queries
-   ``[U^T G | U^T (r Q) | T_Q]`` (the last two when ``dK`` is needed), the loss, and the smallest
-   normaliser ratio of the run-time check.
-3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b [R_G | R_Q | T_Q]`` gives the
-   ``dV`` and ``dK`` rows.
+1. :func:`key_pass` (key blocks): :class:`KeyState`, ``Psi^T ([1 | V] (x) [1 | K])``, the grid
+   ``[[z, S_K], [S_V, T_K]]`` of the sums over keys (``[z, S_V]`` alone when ``dQ`` is not needed), and the
+   number of keys.
+2. :func:`query_pass` (query blocks, given the summed key states): ``Phi_b`` times that grid gives ``D``,
+   ``O~`` and, with ``G``, ``dQ = beta / D ([-r | G] . [U S_K; U T_K])`` row by row; then
+   :class:`QueryState`, ``U^T ([r | G] (x) [1 | Q])``, the grid ``[[U^T r, R_Q], [R_G, T_Q]]`` of the sums
+   over queries (``R_G = U^T G`` alone when ``dK`` is not needed), the loss, and the smallest normaliser
+   ratio of the run-time check.
+3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b`` times that grid gives
+   ``dV`` (its ``R_G`` part) and ``dK = beta ([-1 | V] . [R_Q; T_Q])`` row by row.
+
+The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
+``k x W`` states, once, instead of to every ``Lb x k`` block.
 
 The states are associative sums (``+`` adds them; the normaliser ratio takes the minimum), so the passes
 shard over tokens: map :func:`key_pass` over key shards, reduce with ``+``, broadcast; map
@@ -40,14 +45,14 @@ real query row): padded rows get zero output, zero ``dQ`` and contribute nothing
 states. A query with no real key attends to nothing: zero output (and ``D = 1`` with Softmax_1).
 
 **Memory.** Each pass holds one block's features ``(Lb, k)`` with the temporaries of their construction
-and the block's stacked right-hand sides ``(Lb, W)``, ``W = 1 + d_v + d_head + d_v d_head``, plus the states
+and the block's stacked right-hand sides ``(Lb, W)``, ``W <= (1 + d_v) (1 + d_head)``, plus the states
 ``(k, W)``. :func:`block_rows` picks ``Lb`` so that these block arrays fit ``budget`` bytes over all leading
 indices (default :data:`DEFAULT_BUDGET`, 256 MiB: small beside a GPU's memory, and at least
 :data:`MIN_BLOCK_ROWS` rows); on the CPU, blocks are smaller still where that keeps them in cache
 (:data:`CACHE_BYTES`, faster). Pass 3 recomputes the key features rather than keeping them from pass 1:
-building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and measured faster than keeping them
-(``L x k`` more memory, read back from RAM: 25 % slower at ``d_head = 8``, ``g = 2``, float32). Peak memory is therefore
-``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: tracemalloc measured a peak of
+building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and keeping them (``L x k`` more
+memory, read back from RAM) measured 25 % slower at ``d_head = 8``, ``g = 2``, float32. Peak memory is
+therefore ``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: tracemalloc measured a peak of
 0.15 GiB at ``k = 4845`` (``d_head = d_v = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB
 before streaming).
 

@@ -25,7 +25,8 @@ from .. import backend
 from .coefficients import FAMILIES, coefficients
 from .monomials import MonomialTable, monomial_table
 
-__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs", "poly_features"]
+__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs",
+           "poly_features"]
 
 
 def feature_scales(coef, d: int, side: str) -> np.ndarray:
