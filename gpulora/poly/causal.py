@@ -69,7 +69,7 @@ from .monomials import monomial_table
 from .products import kron_apply, row_sums
 
 __all__ = ["BLOCK_ELEMENTS", "CausalForward", "PolynomialFailure", "backward_sweep", "chunk_size",
-           "chunked_loss_and_grads", "chunked_output", "forward_sweep", "loss_and_grads", "output"]
+           "chunked_loss_and_grads", "chunked_output", "forward_sweep", "loss_and_grads", "output", "peak_bytes"]
 
 BLOCK_ELEMENTS = 1 << 17  # 1 MiB of float64 per temporary: cache-sized groups measured fastest
 MIN_CHUNK, MAX_CHUNK = 16, 512
@@ -86,6 +86,17 @@ def chunk_size(L: int, k: int, d_head: int, d_v: int) -> int:
 def _group_size(lead: int, n_chunks: int, c: int, k: int, d_head: int, d_v: int) -> int:
     per_chunk = lead * max(k * d_v * d_head, c * d_v * d_head, c * k, c * c)
     return max(1, min(n_chunks, BLOCK_ELEMENTS // per_chunk))
+
+
+def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int) -> int:
+    """Estimated peak memory of :func:`loss_and_grads`: the per-row arrays kept between the sweeps (padded
+    inputs, ``G``, ``r``, ``D``, output, gradients, key counts) and one group's features, states and
+    in-chunk blocks (:func:`chunk_size`, :data:`BLOCK_ELEMENTS`). Never ``L k``."""
+    c = chunk_size(L, k, d_head, d_v)
+    m = _group_size(lead, -(-L // c), c, k, d_head, d_v)
+    width = (1 + d_v) * (1 + d_head)
+    group = lead * m * (4 * c * k + 3 * k * width + 3 * c * c + 4 * c * width)
+    return itemsize * (group + lead * (L + c) * (4 * d_head + 5 * d_v + 4))
 
 
 def _exclusive(xp, carry, parts, reverse=False):

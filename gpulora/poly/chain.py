@@ -92,7 +92,7 @@ from .products import kron_apply, kron_rows, row_sums
 
 __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", "QueryState", "block_rows",
            "check_extreme_pairs", "check_mask", "check_normaliser", "check_normaliser_ratio", "key_grad_pass",
-           "key_pass", "loss_and_grads", "output", "query_pass", "score_bound"]
+           "key_pass", "loss_and_grads", "output", "peak_bytes", "query_pass", "score_bound"]
 
 DEFAULT_BUDGET = 1 << 28  # bytes for one block's arrays, over all leading indices
 MIN_BLOCK_ROWS = 16
@@ -139,6 +139,17 @@ def _pass_blocks(xp, like, L: int, lead: tuple, k: int, width: int, dtype, budge
     """The ``(lo, hi)`` blocks of one pass (:func:`block_rows`; no cache rule for CuPy arrays)."""
     cache = None if backend.is_cupy(like) else CACHE_BYTES
     return _blocks(L, block_rows(L, math.prod(lead), k, width, xp.finfo(dtype).bits // 8, budget, cache))
+
+
+def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
+    """Estimated peak memory of :func:`loss_and_grads` for ``lead`` problems of ``L`` rows and ``k`` features:
+    the blocks (at most ``budget``), three ``(k, W)`` states, and the ``O(L (d_head + d_v))`` rows (the cast
+    inputs of the check, the gradients and output). Never ``L k``."""
+    width = (1 + d_v) * (1 + d_head)
+    rows = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
+    rows = min(L, max(MIN_BLOCK_ROWS, rows))
+    block = lead * rows * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width)
+    return block + itemsize * lead * (3 * k * width + L * (3 * d_head + 2 * d_v))
 
 
 def _blocks(L: int, step: int):

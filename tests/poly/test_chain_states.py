@@ -206,4 +206,7 @@ def test_peak_memory_follows_the_budget_not_L_k():
     small, big = _peak(4096, budget), _peak(16384, budget)
     rows = 16384 * 4 * 8  # one (L, 4) float64 array
     assert big < 16384 * 70 * 8 / 2
+    # the estimate the feature budget (gpulora.poly.budget) plans with is an upper bound
+    assert small <= chain.peak_bytes(1, 4096, 70, 4, 4, 8, budget)
+    assert big <= chain.peak_bytes(1, 16384, 70, 4, 4, 8, budget)
     assert big - small < 12 * (rows - 4096 * 4 * 8)
