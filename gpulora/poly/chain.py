@@ -357,9 +357,25 @@ def _mask_column(xp, mask, lo, hi, dtype):
     return None if mask is None else xp.astype(mask[..., lo:hi], dtype)[..., None]
 
 
-def _with_ones(xp, a):
-    """``[1 | a]`` for ``a (..., L, p)``: ``(..., L, 1 + p)``."""
-    return xp.concat([xp.ones(a.shape[:-1] + (1,), dtype=a.dtype), a], axis=-1)
+class _Columns:
+    """``[first | a]`` for the blocks ``a (..., Lb, p)`` of one pass, ``first`` a number or a ``(..., Lb, 1)``
+    column: written into one buffer, allocated at the first block's shape, instead of a concatenation per
+    block (whose allocations cost more than the copies at small ``p``). The result is a view of the buffer,
+    valid until the next call."""
+
+    def __init__(self, xp):
+        self.xp, self.buf = xp, None
+
+    def __call__(self, first, a):
+        shape = a.shape[:-1] + (1 + a.shape[-1],)
+        buf = self.buf
+        if buf is None or buf.shape[:-2] != shape[:-2] or buf.shape[-1] != shape[-1] or buf.shape[-2] < shape[-2] \
+                or buf.dtype != a.dtype:
+            buf = self.buf = backend.empty(shape, a.dtype, self.xp)
+        out = buf[..., :shape[-2], :]
+        out[..., 0:1] = first
+        out[..., 1:] = a
+        return out
 
 
 def _rebuilt(feat: _Features, k, key_mask, blocks):
@@ -370,17 +386,21 @@ def _rebuilt(feat: _Features, k, key_mask, blocks):
         yield lo, hi, (psi if m is None else psi * m)
 
 
-def key_rhs(xp, vb, kb, with_k: bool):
+def key_rhs(xp, vb, kb, with_k: bool, cols=None):
     """The right-hand side of pass 1 for a block: ``V' (x) K'`` (``[1 | V]`` and ``[1 | K]``, or ``[1]``),
-    shape ``(..., Lb, KeyState.width)``."""
-    v1 = _with_ones(xp, vb)
-    return kron_rows(v1, _with_ones(xp, kb), xp) if with_k else v1
+    shape ``(..., Lb, KeyState.width)``. ``cols``: two :class:`_Columns` buffers of the pass."""
+    cv, ck = (_Columns(xp), _Columns(xp)) if cols is None else cols
+    v1 = cv(1.0, vb)
+    return kron_rows(v1, ck(1.0, kb), xp) if with_k else v1
 
 
-def query_rhs(xp, g, r, qb, with_k: bool):
+def query_rhs(xp, g, r, qb, with_k: bool, cols=None):
     """The right-hand side of pass 2's query sums for a block (before the ``1 / D`` row scaling):
-    ``[r | G] (x) [1 | Q]`` with ``with_k``, else ``G``."""
-    return kron_rows(xp.concat([r, g], axis=-1), _with_ones(xp, qb), xp) if with_k else g
+    ``[r | G] (x) [1 | Q]`` with ``with_k``, else ``G``. ``cols``: two :class:`_Columns` buffers of the pass."""
+    if not with_k:
+        return g
+    cg, cq = (_Columns(xp), _Columns(xp)) if cols is None else cols
+    return kron_rows(cg(r, g), cq(1.0, qb), xp)
 
 
 def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, compute_dtype=None,
@@ -398,9 +418,10 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     feat = _Features(xp, d_head, choice, "key", dtype)
     width = KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k, width), dtype=dtype)
+    cols = (_Columns(xp), _Columns(xp))
     for lo, hi, psi in _rebuilt(feat, k, key_mask, _pass_blocks(xp, k, L, lead, feat.k, width, dtype, budget)):
         kb, vb = (xp.astype(a[..., lo:hi, :], dtype, copy=False) for a in (k, v))
-        data += psi.mT @ key_rhs(xp, vb, kb, with_k)
+        data += psi.mT @ key_rhs(xp, vb, kb, with_k, cols)
     if key_mask is None:
         count = xp.full(lead, float(L), dtype=xp.float64)
     else:
@@ -461,6 +482,7 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     data = xp.zeros(lead + (feat.k, qw), dtype=dtype) if with_state else None
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
     min_den = xp.full(lead + (1, 1), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
+    cols = (_Columns(xp), _Columns(xp), _Columns(xp))
     for lo, hi in _pass_blocks(xp, q, L, lead, feat.k, width, dtype, budget):
         qb, phi = feat.rows(q, lo, hi, beta)
         x = _grid(phi @ key_states, 1 + d_v, xp)  # [..., Lb, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
@@ -486,10 +508,10 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
             loss = loss + 0.5 * xp.sum(g * g, dtype=xp.float64)
         r = row_sums(g * o, xp)  # [..., Lb, 1]
         if "q" in need:
-            dq = kron_apply(x[..., 1:], xp.concat([-r, g], axis=-1), xp) * (beta * winv)
+            dq = kron_apply(x[..., 1:], cols[2](-r, g), xp) * (beta * winv)
             rows["dq"][..., lo:hi, :] = xp.astype(dq, out_dtype, copy=False)
         if with_state:
-            data += phi.mT @ (query_rhs(xp, g, r, qb, with_k) * winv)
+            data += phi.mT @ (query_rhs(xp, g, r, qb, with_k, cols[:2]) * winv)
     # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
     count = keys.count[..., None, None]
     ratio = xp.where(count > 0, xp.astype(min_den, xp.float64) / xp.where(count > 0, count, 1.0), math.inf)
@@ -519,6 +541,7 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
     blocks = _pass_blocks(xp, k, L, lead, feat.k, queries.data.shape[-1], dtype, budget)
+    cols = _Columns(xp)
     for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
         x = _grid(psi @ query_states, rows_of_grid, xp)  # [..., Lb, rows, cols]
         if "v" in need:
@@ -526,8 +549,7 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
             out["dv"][..., lo:hi, :] = xp.astype(dv, out_dtype, copy=False)
         if "k" in need:
             vb = xp.astype(v[..., lo:hi, :], dtype, copy=False)
-            v1 = xp.concat([-xp.ones(vb.shape[:-1] + (1,), dtype=dtype), vb], axis=-1)
-            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], v1, xp), out_dtype, copy=False)
+            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], cols(-1.0, vb), xp), out_dtype, copy=False)
     return out
 
 
