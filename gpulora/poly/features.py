@@ -25,7 +25,8 @@ from .. import backend
 from .coefficients import FAMILIES, coefficients
 from .monomials import MonomialTable, monomial_table
 
-__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs", "poly_features"]
+__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs",
+           "poly_features"]
 
 
 def feature_scales(coef, d: int, side: str) -> np.ndarray:
@@ -45,7 +46,8 @@ def parent_runs(d: int, g: int) -> tuple:
     """The columns of the monomial table for ``(d, g)`` as runs ``(parent, coord, start, stop)``: columns
     ``start:stop`` are ``z^a(parent) * z[coord:coord + stop - start]`` (the children of one parent take
     consecutive coordinates, by construction of :func:`gpulora.poly.monomials.monomial_table`).
-    ``C(d + g - 1, g - 1)`` runs, one per monomial of degree ``< g``. Cached."""
+    ``C(d + g - 1, g - 1)`` runs, one per monomial of degree ``< g``; the first is ``(0, 0, 1, 1 + d)``,
+    the coordinates themselves. Cached."""
     table = monomial_table(d, g)
     runs, j = [], 1
     while j < table.k:
@@ -56,6 +58,8 @@ def parent_runs(d: int, g: int) -> tuple:
             raise AssertionError("monomial table: the children of a parent must take consecutive coordinates")
         runs.append((p, c, j, stop))
         j = stop
+    if runs and runs[0] != (0, 0, 1, 1 + d):
+        raise AssertionError("monomial table: columns 1..d must be the coordinates")
     return tuple(runs)
 
 
@@ -83,17 +87,18 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
     """
     xp = backend.namespace(z) if xp is None else xp
     lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
-    zt = backend.empty(lead + (d, L), z.dtype, xp)  # [..., d, L], C-contiguous rows
-    zt[...] = z.mT
     out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
     out[..., 0, :] = 1
+    if table.g >= 1:
+        out[..., 1:1 + d, :] = z.mT  # degree 1: the coordinates, C-contiguous rows of z^T
+    zt = out[..., 1:1 + d, :]
     if math.prod(lead) * L >= RUNS_MIN_ROWS:
-        for p, c, start, stop in parent_runs(table.d, table.g):
+        for p, c, start, stop in parent_runs(table.d, table.g)[1:]:  # the first run is degree 1
             out[..., start:stop, :] = zt[..., c:c + stop - start, :]
             out[..., start:stop, :] *= out[..., p:p + 1, :]  # in place: no temporary to allocate
     else:
         starts = table.degree_start
-        for m in range(1, table.g + 1):
+        for m in range(2, table.g + 1):
             lo, hi = int(starts[m]), int(starts[m + 1])
             parent = xp.asarray(table.parent[lo:hi].astype(np.int64))
             coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
