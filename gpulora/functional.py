@@ -130,7 +130,7 @@ def attention(q, k, v, *, beta=None, causal=False, key_mask=None, method="exact"
     ValueError, TypeError
         For bad input, naming the argument.
     """
-    check_options(method, degree, tol, causal, family, softmax_one)
+    degree, tol, causal, softmax_one = check_options(method, degree, tol, causal, family, softmax_one)
     call = _Call(q, k, v, None, beta=beta, causal=causal, key_mask=key_mask, softmax_one=softmax_one)
     p = plan(call.att, method, degree=degree, tol=tol, family=family, targets=())
     _, out = run_output(call.att, p, method)
@@ -162,11 +162,11 @@ def attention_vjp(q, k, v, grad_output, *, beta=None, causal=False, key_mask=Non
         For bad input, naming the argument; :class:`gpulora.PolynomialFailure` when ``method="poly"``
         fails at run time.
     """
-    check_options(method, degree, tol, causal, family, softmax_one)
+    degree, tol, causal, softmax_one = check_options(method, degree, tol, causal, family, softmax_one)
     if grad_output is None:
         raise TypeError("grad_output must be an array of the output's shape (..., H, L, d_v), got None")
     call = _Call(q, k, v, grad_output, beta=beta, causal=causal, key_mask=key_mask, softmax_one=softmax_one)
     p = plan(call.att, method, degree=degree, tol=tol, family=family)
-    p, (_, out, dq, dk, dv) = run_vjp(call.att, p, method, grad_output=call.grad_output)
+    p, (_, out, dq, dk, dv), _ = run_vjp(call.att, p, method, grad_output=call.grad_output)
     return AttentionGrad(dq=call.back("q", dq), dk=call.back("k", dk), dv=call.back("v", dv),
                          out=call.back("out", out), **p.fields(q.shape[-1]))

@@ -1,21 +1,23 @@
 """The public entry points for LoRA heads: validate, plan (exact or poly, which polynomial, which precision),
-run, pack.
+run, pack. The planning, the run-time checks and the error contract live in :mod:`gpulora.dispatch`.
 
 Host reads, on CuPy (each one scalar or a few numbers, each a synchronisation): the finiteness check of
-every input array, the score bound ``M`` (the degree choice needs it on the host), the range check of
-``lengths``, and the poly path's two run-time checks (``3 * batch * H`` feature products at the extreme
-rows, and the smallest normaliser ratio). Everything else, the gradient chain included, stays on the
-device, on CuPy's current stream.
+``x`` (and ``y`` or ``grad_output``) and the fused one of the weights and adapters (they may have changed
+in place since ``Head``/``LoRA`` were built), the range check of ``lengths``, the score bound ``M`` (the
+degree choice needs it on the host), the poly path's two run-time checks (``3 * batch * H`` feature
+products at the extreme rows, and the smallest normaliser ratio) and its error estimate (the loss and the
+spread of ``V``), and the fused finiteness check of the results. Everything else, the gradient chain
+included, stays on the device, on CuPy's current stream.
 """
 
 from __future__ import annotations
 
 from .adapters import adapter_grads, input_grad, output_layout, prepare, projection_grads
-from .dispatch import check_options, plan, run_output, run_vjp
-from .model import GradResult, Head, LoRA
+from .dispatch import GRAD_TOL_FACTOR, check_options, error_estimate, plan, run_output, run_vjp
+from .model import GradResult, Head, LoRA, check_parameters
 from .validation import check_bool
 
-__all__ = ["forward", "lora_grad", "loss"]
+__all__ = ["GRAD_TOL_FACTOR", "error_estimate", "forward", "lora_grad", "loss"]
 
 _LAYER_DOC = """
     key_mask : boolean array of shape (L,) or (batch, L), optional
@@ -31,6 +33,12 @@ _LAYER_DOC = """
         Positions for ``rope_theta`` (default ``0 .. L-1``).
     rope_cos, rope_sin : arrays of shape (L, d_head), (1, L, d_head) or (batch, L, d_head), optional
         Explicit rotary tables (as a model's rotary module returns them), instead of ``rope_theta``."""
+
+
+def _prepare(head, lora, x, y=None, **kw):
+    if isinstance(head, Head) and isinstance(lora, LoRA):  # else prepare names the wrong type
+        check_parameters(head, lora)  # B and A are usually updated in place between calls
+    return prepare(head, lora, x, y, **kw)
 
 
 def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, return_dx=False, method="auto", degree=None,
@@ -62,16 +70,22 @@ def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, return_dx=
         ``"exact"``: ``O(L^2 d)`` time, memory linear in ``L`` (blocked). ``"poly"``: the polynomial method
         (Hu et al. 2025), ``O(L k d_v d_head)`` time with ``k = C(d_head + g, g)``. ``"auto"``: computes the
         bound ``M``, the degree ``tol`` needs and the estimated cost of both (:mod:`gpulora.cost`), runs
-        the cheaper one that meets ``tol`` (exact when poly cannot, or when poly fails at run time) and
-        says why in ``GradResult.note``.
+        the cheaper one that meets ``tol`` and says why in ``GradResult.note``. It runs exact when no
+        polynomial meets ``tol``, when the feature map is over budget (:mod:`gpulora.poly.budget`), when a
+        fixed ``degree``'s error bound exceeds ``tol``, when poly fails at run time, and (after the poly
+        run, so at the cost of both) when poly's ``error_estimate`` exceeds ``GRAD_TOL_FACTOR * tol``
+        (``10 tol``: near a perfect fit, see ``GradResult.error_estimate``).
     degree : int, optional
-        Fix the polynomial degree ``g`` (poly/auto); otherwise the smallest one that meets ``tol``.
+        Fix the polynomial degree ``g`` (poly/auto); otherwise the smallest one that meets ``tol``. A degree
+        whose error bound exceeds ``tol`` (default ``1e-3``) emits :class:`~gpulora.AccuracyWarning` under
+        ``"poly"``; ``"auto"`` runs exact instead.
     tol : float, optional
         Target max relative error of ``p ~ exp`` on ``[-M, M]`` (``0 < tol < 1``), approximation plus
         estimated rounding; default ``1e-3``. Per-token gradients then carry errors of a small multiple of
-        it; adapter gradients too (``10 tol`` relative is what the tests hold at a few hundred tokens),
-        except where their sum over tokens cancels, which at large ``L`` can amplify the relative error
-        (see :mod:`gpulora.poly.chain`, "Error").
+        it relative to the residual; adapter gradients too (``10 tol`` relative is what the tests hold at
+        a few hundred tokens), except near a perfect fit (``error_estimate`` shows it) and where their sum
+        over tokens cancels, which at large ``L`` can amplify the relative error (see
+        :mod:`gpulora.poly.chain`, "Error").
     causal : bool
         Mask ``j > i``.
     family : {"taylor", "shifted_taylor", "chebyshev"}, optional
@@ -80,43 +94,59 @@ def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, return_dx=
     Returns
     -------
     GradResult
-        ``loss``, ``grads[target].B / .A``, ``dx``, ``method`` that ran, ``degree``, ``features``, ``bound``.
+        ``loss``, ``grads[target].B / .A``, ``dx``, ``method`` that ran, ``degree``, ``features``, ``bound``,
+        ``error_bound`` (a priori) and ``error_estimate`` (a posteriori, :func:`error_estimate`).
 
     Raises
     ------
     ValueError, TypeError
-        For bad input (naming the argument); for ``method="poly"`` when no polynomial can meet ``tol`` at
-        this bound, or when the polynomial fails at run time (:class:`gpulora.PolynomialFailure`).
+        For bad input (naming the argument; the weights and adapters are re-checked finite at every call);
+        when the computation overflows the dtype although the inputs are finite; for ``method="poly"``
+        when no polynomial can meet ``tol`` at this bound, when its features are over budget
+        (:class:`gpulora.poly.budget.FeatureBudgetError`), or when the polynomial fails at run time
+        (:class:`gpulora.PolynomialFailure`).
+
+    Warns
+    -----
+    AccuracyWarning
+        ``method="poly"`` only: a fixed ``degree`` whose error bound exceeds ``tol``, or an
+        ``error_estimate`` over ``tol``.
     """
-    check_options(method, degree, tol, causal, family)
-    check_bool("return_dx", return_dx)
-    if (y is None) == (grad_output is None):
-        raise ValueError("give exactly one of y (targets of the loss) and grad_output (an upstream gradient dO)")
-    prob = prepare(head, lora, x, y, grad_output=grad_output, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
-                   position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
+    degree, tol, causal, _ = check_options(method, degree, tol, causal, family)
+    return_dx = check_bool("return_dx", return_dx)
+    if y is None and grad_output is None:
+        raise TypeError("y must be a NumPy or CuPy array of targets (L, H d_v) or (batch, L, H d_v), got None; "
+                        "or pass grad_output= (an upstream gradient dO) instead")
+    prob = _prepare(head, lora, x, y, grad_output=grad_output, key_mask=key_mask, lengths=lengths,
+                    rope_theta=rope_theta, position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
     need = ("q", "k", "v") if return_dx else lora.targets
     att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=need)
     upstream = {"y": prob.grouped(prob.y)} if y is not None else {"grad_output": prob.grouped(prob.grad_output)}
-    p, (loss_, _, dq, dk, dv) = run_vjp(att, p, method, need=need, **upstream)
-    d_proj = projection_grads(prob, {"q": prob.ungrouped(dq), "k": prob.ungrouped(dk), "v": prob.ungrouped(dv)})
-    return GradResult(
-        loss=None if loss_ is None else prob.scalar(loss_),
-        grads=adapter_grads(lora, prob, d_proj),
-        dx=input_grad(prob, d_proj) if return_dx else None,
-        **p.fields(head.d_head),
-    )
+
+    def finish(raw):  # the chain rule to the adapters (and x), inside the run: its results are checked too
+        loss_, _, dq, dk, dv = raw
+        d_proj = projection_grads(prob, {"q": prob.ungrouped(dq), "k": prob.ungrouped(dk),
+                                         "v": prob.ungrouped(dv)})
+        return loss_, adapter_grads(lora, prob, d_proj), input_grad(prob, d_proj) if return_dx else None
+
+    p, (loss_, grads, dx), est = run_vjp(att, p, method, need=need, finish=finish, **upstream)
+    return GradResult(loss=None if loss_ is None else prob.scalar(loss_), grads=grads, dx=dx,
+                      error_estimate=est, **p.fields(prob.q.shape[-1]))
 
 
 def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None, causal=False, family=None,
             key_mask=None, lengths=None, rope_theta=None, position_ids=None, rope_cos=None, rope_sin=None):
     """Attention output ``O`` of shape ``(L, H d_v)`` or ``(batch, L, H d_v)``, exactly or by the polynomial method.
 
-    Arguments as in :func:`lora_grad` (padded rows of ``O`` are 0). Cost ``O(L^2 d)`` exact, ``O(L k d_v)`` poly.
+    Arguments as in :func:`lora_grad` (padded rows of ``O`` are 0). Cost ``O(L^2 d)`` exact, ``O(L k d_v)``
+    poly. The poly output has no residual to be relative to: every row of it is within
+    ``2 eps / (1 - eps) * max_j |v_j - mean(v)|`` of the exact one (``eps`` the polynomial's error bound, at
+    most ``tol`` unless a fixed ``degree`` says otherwise, and then :class:`~gpulora.AccuracyWarning`).
     """
-    check_options(method, degree, tol, causal, family)
-    prob = prepare(head, lora, x, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
-                   position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
+    degree, tol, causal, _ = check_options(method, degree, tol, causal, family)
+    prob = _prepare(head, lora, x, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
+                    position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
     att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
     _, o = run_output(att, p, method)
@@ -126,14 +156,20 @@ def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None,
 def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None, causal=False, family=None,
          key_mask=None, lengths=None, rope_theta=None, position_ids=None, rope_cos=None, rope_sin=None):
     """The loss ``0.5 ||O - y||^2`` (summed over the batch and the real rows) as a 0-d array; arguments as in
-    :func:`lora_grad`."""
-    check_options(method, degree, tol, causal, family)
-    prob = prepare(head, lora, x, y, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
-                   position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
+    :func:`lora_grad`.
+
+    The poly loss is checked like the poly gradients (:func:`error_estimate`; its relative error is at most
+    about twice the residual's): over ``GRAD_TOL_FACTOR * tol``, ``"auto"`` reruns exact and ``"poly"`` warns.
+    """
+    degree, tol, causal, _ = check_options(method, degree, tol, causal, family)
+    if y is None:
+        raise TypeError("y must be a NumPy or CuPy array of targets (L, H d_v) or (batch, L, H d_v), got None")
+    prob = _prepare(head, lora, x, y, key_mask=key_mask, lengths=lengths, rope_theta=rope_theta,
+                    position_ids=position_ids, rope_cos=rope_cos, rope_sin=rope_sin)
     att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
-    _, (loss_, _, _, _, _) = run_vjp(att, p, method, y=prob.grouped(prob.y), need=())
-    return prob.scalar(loss_)
+    _, out, _ = run_vjp(att, p, method, y=prob.grouped(prob.y), need=())
+    return prob.scalar(out[0])
 
 
 lora_grad.__doc__ = lora_grad.__doc__.replace("{layer}", _LAYER_DOC)

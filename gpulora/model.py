@@ -13,11 +13,21 @@ import math
 from typing import Any, Mapping
 
 from . import backend
-from .validation import check_alpha, check_beta, check_real_array
+from .validation import check_alpha, check_beta, check_bool, check_finite, check_int, check_real_array
 
-__all__ = ["TARGETS", "AdapterGrad", "AttentionGrad", "GradResult", "Head", "LoRA"]
+__all__ = ["TARGETS", "AccuracyWarning", "AdapterGrad", "AttentionGrad", "GradResult", "Head", "LoRA",
+           "check_parameters"]
 
 TARGETS = ("q", "k", "v")
+
+
+class AccuracyWarning(UserWarning):
+    """The result may miss the requested accuracy: a fixed ``degree=`` whose error bound exceeds ``tol``, or a
+    ``method="poly"`` call whose a-posteriori estimate (:attr:`GradResult.error_estimate`) exceeds ``tol``.
+
+    Filter it like any warning (``warnings.simplefilter("error", gpulora.AccuracyWarning)`` turns it into
+    an exception). ``method="auto"`` never emits it: it runs exact instead.
+    """
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,20 +73,17 @@ class Head:
         for name in ("b_q", "b_k", "b_v"):
             if getattr(self, name) is not None:
                 check_real_array(name, getattr(self, name), ndim=1, half=True)
-        backend.namespace(*(getattr(self, n) for n in ("w_q", "w_k", "w_v", "b_q", "b_k", "b_v")
-                            if getattr(self, n) is not None))
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
-            raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
-        kv = self.heads if self.kv_heads is None else self.kv_heads
-        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1:
-            raise ValueError(f"kv_heads must be an int >= 1 or None, got {self.kv_heads!r}")
+        backend.namespace(*self.arrays().values())
+        object.__setattr__(self, "heads", check_int("heads", self.heads, minimum=1))
+        kv = self.heads if self.kv_heads is None else check_int("kv_heads", self.kv_heads, minimum=1)
         if self.heads % kv:
             raise ValueError(f"heads = {self.heads} must be a multiple of kv_heads = {kv} (each key/value head "
                              f"serves an equal group of query heads)")
         object.__setattr__(self, "kv_heads", kv)
-        if not isinstance(self.softmax_one, bool):
-            raise TypeError(f"softmax_one must be a bool, got {type(self.softmax_one).__name__}")
+        object.__setattr__(self, "softmax_one", check_bool("softmax_one", self.softmax_one))
         d_model = self.w_q.shape[0]
+        if d_model < 1:
+            raise ValueError(f"w_q must have d_model >= 1 rows, got shape {tuple(self.w_q.shape)}")
         for name in ("w_k", "w_v"):
             if getattr(self, name).shape[0] != d_model:
                 raise ValueError(
@@ -118,6 +125,12 @@ class Head:
     def bias(self, target: str):
         """The bias of ``target``, or ``None``."""
         return {"q": self.b_q, "k": self.b_k, "v": self.b_v}[target]
+
+    def arrays(self) -> dict:
+        """``{name: array}`` of the weights and biases, named as in error messages."""
+        out = {"w_q": self.w_q, "w_k": self.w_k, "w_v": self.w_v}
+        out.update({f"b_{t}": self.bias(t) for t in TARGETS if self.bias(t) is not None})
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -171,6 +184,26 @@ class LoRA:
         """``alpha / r`` of the adapter of ``target``."""
         return self.alpha / self.adapters[target][0].shape[1]
 
+    def arrays(self) -> dict:
+        """``{name: array}`` of every ``B`` and ``A``, named as in error messages."""
+        out = {}
+        for t, (b, a) in self.adapters.items():
+            out[f"adapters[{t!r}] B"], out[f"adapters[{t!r}] A"] = b, a
+        return out
+
+
+def check_parameters(head: Head, lora: LoRA) -> None:
+    """Re-check at call time that the weights and adapters are finite: they may have been changed in place
+    since :class:`Head` and :class:`LoRA` were built (the usual training loop updates ``B`` and ``A`` in
+    place). One fused reduction over all of them, one host read on CuPy; ``O(d_model (d + r))``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first array that holds NaN or inf.
+    """
+    check_finite({**head.arrays(), **lora.arrays()})
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterGrad:
@@ -204,6 +237,18 @@ class GradResult:
         would exceed the tolerance).
     note : str
         Why ``method="auto"`` chose what it did (empty otherwise).
+    error_bound : float
+        A-priori bound ``eps`` on the relative error of ``p ~ exp`` on ``[-M, M]``: the measured
+        approximation error plus the estimated rounding in ``compute_dtype`` (poly; 0 for exact). Every
+        attention weight is then within a relative ``2 eps / (1 - eps)`` and every output row within
+        ``2 eps / (1 - eps) * max_j |v_j - mean(v)|``.
+    error_estimate : float
+        A-posteriori estimate of the relative (Frobenius) error of the gradients, for this call:
+        ``eps + E / (|G~| - E)`` with ``|G~|`` the norm of the computed residual ``O~ - y`` and ``E`` the
+        bound above on the output error summed over rows (``inf`` when ``|G~| <= E``: the residual may be
+        all approximation error, near a perfect fit). Poly only, 0 for exact. See README, "Precision and
+        tolerance", for how ``method="auto"`` uses it. With ``grad_output`` given there is no computed
+        residual: the estimate is ``eps`` (the upstream gradient itself is exact).
     dx : array or None
         ``dloss/dx``, shaped like ``x``, when the call asked for it (``return_dx=True``).
     """
@@ -217,6 +262,8 @@ class GradResult:
     family: str | None = None
     compute_dtype: str | None = None
     note: str = ""
+    error_bound: float = 0.0
+    error_estimate: float = 0.0
     dx: Any = None
 
 
@@ -233,8 +280,9 @@ class AttentionGrad:
         summed over the query heads of each key/value head).
     out : array of shape (..., H, L, d_v)
         The attention output, computed on the way.
-    method, degree, features, bound, family, compute_dtype, note
-        As in :class:`GradResult`.
+    method, degree, features, bound, family, compute_dtype, note, error_bound
+        As in :class:`GradResult` (``error_bound``: the polynomial's ``eps``; every weight of the
+        approximate softmax is within a relative ``2 eps / (1 - eps)`` of the exact one).
     """
 
     dq: Any
@@ -248,3 +296,4 @@ class AttentionGrad:
     family: str | None = None
     compute_dtype: str | None = None
     note: str = ""
+    error_bound: float = 0.0

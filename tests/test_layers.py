@@ -288,6 +288,7 @@ def test_mixed_dtypes_promote():
 POLY_CASES, POLY_IDS = CASES, IDS
 
 
+@pytest.mark.filterwarnings("ignore::gpulora.AccuracyWarning")  # fixed degrees past tol, on purpose
 @pytest.mark.parametrize("case", POLY_CASES, ids=POLY_IDS)
 def test_poly_layer_equals_dense_formula_with_polynomial_weights(case):
     layer, causal = _layer(case, scale=0.5)
@@ -336,8 +337,8 @@ def _bad_layer_calls():
         (dict(rope_theta=1e4, position_ids=np.arange(6.0)), TypeError, "position_ids"),
         (dict(rope_cos=np.ones((6, 4))), ValueError, "rope_sin"),
         (dict(rope_cos=np.ones((6, 3)), rope_sin=np.ones((6, 3))), ValueError, "rope_cos"),
-        (dict(grad_output=y), ValueError, "exactly one of y"),
-        (dict(y=None), ValueError, "exactly one of y"),
+        (dict(grad_output=y), ValueError, "not both"),
+        (dict(y=None), TypeError, "y must be"),
         (dict(return_dx=1), TypeError, "return_dx"),
         (dict(y=y[..., :-1]), ValueError, "y must have shape"),
     ], (h, lo, x, y)

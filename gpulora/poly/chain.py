@@ -17,17 +17,22 @@ attention output for any upstream gradient (``r_i = g_i . o~_i`` as well).
 
 **Three passes over blocks of rows.** Everything above is a sum over keys or a sum over queries, so the
 chain runs as three streamed passes, each building the features of one block of rows, doing one GEMM
-against the stacked states, and keeping nothing of size ``L x k``:
+against stacked states, and keeping nothing of size ``L x k``. The states are Kronecker grids, so that a
+block's right-hand side is one row-wise Kronecker product and its readout one batched ``(1, p) @ (p, q)``:
 
-1. :func:`key_pass` (key blocks): :class:`KeyState`, the sums over keys ``[Psi^T 1 | Psi^T V | Psi^T K |
-   T_K]`` (the last two when ``dQ`` is needed) and the number of keys; one GEMM
-   ``Psi_b^T [1 | V_b | K_b | V_b (x) K_b]`` per block.
-2. :func:`query_pass` (query blocks, given the summed key states): ``Phi_b [z | S_V | S_K | T_K]`` in one
-   GEMM gives ``D``, ``O~``, and with ``G`` the ``dQ`` rows; then :class:`QueryState`, the sums over queries
-   ``[U^T G | U^T (r Q) | T_Q]`` (the last two when ``dK`` is needed), the loss, and the smallest
-   normaliser ratio of the run-time check.
-3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b [R_G | R_Q | T_Q]`` gives the
-   ``dV`` and ``dK`` rows.
+1. :func:`key_pass` (key blocks): :class:`KeyState`, ``Psi^T ([1 | V] (x) [1 | K])``, the grid
+   ``[[z, S_K], [S_V, T_K]]`` of the sums over keys (``[z, S_V]`` alone when ``dQ`` is not needed), and the
+   number of keys.
+2. :func:`query_pass` (query blocks, given the summed key states): ``Phi_b`` times that grid gives ``D``,
+   ``O~`` and, with ``G``, ``dQ = beta / D ([-r | G] . [U S_K; U T_K])`` row by row; then
+   :class:`QueryState`, ``U^T ([r | G] (x) [1 | Q])``, the grid ``[[U^T r, R_Q], [R_G, T_Q]]`` of the sums
+   over queries (``R_G = U^T G`` alone when ``dK`` is not needed), the loss, and the smallest normaliser
+   ratio of the run-time check.
+3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b`` times that grid gives
+   ``dV`` (its ``R_G`` part) and ``dK = beta ([-1 | V] . [R_Q; T_Q])`` row by row.
+
+The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
+``k x W`` states, once, instead of to every ``Lb x k`` block.
 
 The states are associative sums (``+`` adds them; the normaliser ratio takes the minimum), so the passes
 shard over tokens: map :func:`key_pass` over key shards, reduce with ``+``, broadcast; map
@@ -40,14 +45,16 @@ real query row): padded rows get zero output, zero ``dQ`` and contribute nothing
 states. A query with no real key attends to nothing: zero output (and ``D = 1`` with Softmax_1).
 
 **Memory.** Each pass holds one block's features ``(Lb, k)`` with the temporaries of their construction
-and the block's stacked right-hand sides ``(Lb, W)``, ``W = 1 + d_v + d_head + d_v d_head``, plus the states
+and the block's stacked right-hand sides ``(Lb, W)``, ``W <= (1 + d_v) (1 + d_head)``, plus the states
 ``(k, W)``. :func:`block_rows` picks ``Lb`` so that these block arrays fit ``budget`` bytes over all leading
 indices (default :data:`DEFAULT_BUDGET`, 256 MiB: small beside a GPU's memory, and at least
-:data:`MIN_BLOCK_ROWS` rows). Pass 3 recomputes the key features rather than keeping them from pass 1:
-building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and measured faster than keeping them
-(``L x k`` more memory, read back from RAM: 25 % slower at ``d_head = 8``, ``g = 2``, float32). Peak memory is therefore
-``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: measured 0.53 GiB at ``k = 4845``
-(``d_head = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB before streaming).
+:data:`MIN_BLOCK_ROWS` rows); on the CPU, blocks are smaller still where that keeps them in cache
+(:data:`CACHE_BYTES`, faster). Pass 3 recomputes the key features rather than keeping them from pass 1:
+building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and keeping them (``L x k`` more
+memory, read back from RAM) measured 25 % slower at ``d_head = 8``, ``g = 2``, float32. Peak memory is
+therefore ``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: tracemalloc measured a peak of
+0.15 GiB at ``k = 4845`` (``d_head = d_v = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB
+before streaming).
 
 **Cost** ``O(batch H L k d_v d_head)`` time (``k = C(d_head + g, g)``).
 
@@ -85,7 +92,7 @@ from .products import kron_apply, kron_rows, row_sums
 
 __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", "QueryState", "block_rows",
            "check_extreme_pairs", "check_mask", "check_normaliser", "check_normaliser_ratio", "key_grad_pass",
-           "key_pass", "loss_and_grads", "output", "query_pass", "score_bound"]
+           "key_pass", "loss_and_grads", "output", "peak_bytes", "query_pass", "score_bound"]
 
 DEFAULT_BUDGET = 1 << 28  # bytes for one block's arrays, over all leading indices
 MIN_BLOCK_ROWS = 16
@@ -110,18 +117,39 @@ def score_bound(q, k, beta) -> float:
     return beta * math.sqrt(max(backend.to_float(xp.max(qn * kn)), 0.0))
 
 
-def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
+def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int = DEFAULT_BUDGET,
+               cache_bytes: int | None = CACHE_BYTES) -> int:
     """Rows per block ``Lb`` (at most ``L``).
 
     Memory: ``lead Lb itemsize (4 k + 4 W) <= budget`` (the features with the temporaries of their
     construction, the right-hand sides, the GEMM result and the Kronecker temporaries of ``W = width``
-    columns). Speed: no more rows than keep ``lead Lb itemsize (k + 3 W)`` within :data:`CACHE_BYTES`, but
+    columns). Speed (CPU): no more rows than keep ``lead Lb itemsize (k + 3 W)`` within ``cache_bytes``, but
     at least :data:`FAST_MIN_ROWS` (a cache-resident block measured 1.5-3x faster per row than whole-``L``
-    arrays at small ``k``; large ``k`` is GEMM-bound either way). Never below :data:`MIN_BLOCK_ROWS`.
+    arrays at small ``k``; large ``k`` is GEMM-bound either way). ``cache_bytes=None`` (the passes on CuPy:
+    no CPU cache to fit, and launches favour few large blocks) fills the budget. Never below
+    :data:`MIN_BLOCK_ROWS`.
     """
-    cap = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
-    fast = max(FAST_MIN_ROWS, CACHE_BYTES // max(lead * itemsize * (k + 3 * width), 1))
-    return max(1, min(L, max(MIN_BLOCK_ROWS, min(cap, fast))))
+    rows = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
+    if cache_bytes is not None:
+        rows = min(rows, max(FAST_MIN_ROWS, cache_bytes // max(lead * itemsize * (k + 3 * width), 1)))
+    return max(1, min(L, max(MIN_BLOCK_ROWS, rows)))
+
+
+def _pass_blocks(xp, like, L: int, lead: tuple, k: int, width: int, dtype, budget: int):
+    """The ``(lo, hi)`` blocks of one pass (:func:`block_rows`; no cache rule for CuPy arrays)."""
+    cache = None if backend.is_cupy(like) else CACHE_BYTES
+    return _blocks(L, block_rows(L, math.prod(lead), k, width, xp.finfo(dtype).bits // 8, budget, cache))
+
+
+def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
+    """Estimated peak memory of :func:`loss_and_grads` for ``lead`` problems of ``L`` rows and ``k`` features:
+    the blocks (at most ``budget``), three ``(k, W)`` states, and the ``O(L (d_head + d_v))`` rows (the cast
+    inputs of the check, the gradients and output). Never ``L k``."""
+    width = (1 + d_v) * (1 + d_head)
+    rows = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
+    rows = min(L, max(MIN_BLOCK_ROWS, rows))
+    block = lead * rows * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width)
+    return block + itemsize * lead * (3 * k * width + L * (3 * d_head + 2 * d_v))
 
 
 def _blocks(L: int, step: int):
@@ -329,9 +357,25 @@ def _mask_column(xp, mask, lo, hi, dtype):
     return None if mask is None else xp.astype(mask[..., lo:hi], dtype)[..., None]
 
 
-def _with_ones(xp, a):
-    """``[1 | a]`` for ``a (..., L, p)``: ``(..., L, 1 + p)``."""
-    return xp.concat([xp.ones(a.shape[:-1] + (1,), dtype=a.dtype), a], axis=-1)
+class _Columns:
+    """``[first | a]`` for the blocks ``a (..., Lb, p)`` of one pass, ``first`` a number or a ``(..., Lb, 1)``
+    column: written into one buffer, allocated at the first block's shape, instead of a concatenation per
+    block (whose allocations cost more than the copies at small ``p``). The result is a view of the buffer,
+    valid until the next call."""
+
+    def __init__(self, xp):
+        self.xp, self.buf = xp, None
+
+    def __call__(self, first, a):
+        shape = a.shape[:-1] + (1 + a.shape[-1],)
+        buf = self.buf
+        if buf is None or buf.shape[:-2] != shape[:-2] or buf.shape[-1] != shape[-1] or buf.shape[-2] < shape[-2] \
+                or buf.dtype != a.dtype:
+            buf = self.buf = backend.empty(shape, a.dtype, self.xp)
+        out = buf[..., :shape[-2], :]
+        out[..., 0:1] = first
+        out[..., 1:] = a
+        return out
 
 
 def _rebuilt(feat: _Features, k, key_mask, blocks):
@@ -342,17 +386,21 @@ def _rebuilt(feat: _Features, k, key_mask, blocks):
         yield lo, hi, (psi if m is None else psi * m)
 
 
-def key_rhs(xp, vb, kb, with_k: bool):
+def key_rhs(xp, vb, kb, with_k: bool, cols=None):
     """The right-hand side of pass 1 for a block: ``V' (x) K'`` (``[1 | V]`` and ``[1 | K]``, or ``[1]``),
-    shape ``(..., Lb, KeyState.width)``."""
-    v1 = _with_ones(xp, vb)
-    return kron_rows(v1, _with_ones(xp, kb), xp) if with_k else v1
+    shape ``(..., Lb, KeyState.width)``. ``cols``: two :class:`_Columns` buffers of the pass."""
+    cv, ck = (_Columns(xp), _Columns(xp)) if cols is None else cols
+    v1 = cv(1.0, vb)
+    return kron_rows(v1, ck(1.0, kb), xp) if with_k else v1
 
 
-def query_rhs(xp, g, r, qb, with_k: bool):
+def query_rhs(xp, g, r, qb, with_k: bool, cols=None):
     """The right-hand side of pass 2's query sums for a block (before the ``1 / D`` row scaling):
-    ``[r | G] (x) [1 | Q]`` with ``with_k``, else ``G``."""
-    return kron_rows(xp.concat([r, g], axis=-1), _with_ones(xp, qb), xp) if with_k else g
+    ``[r | G] (x) [1 | Q]`` with ``with_k``, else ``G``. ``cols``: two :class:`_Columns` buffers of the pass."""
+    if not with_k:
+        return g
+    cg, cq = (_Columns(xp), _Columns(xp)) if cols is None else cols
+    return kron_rows(cg(r, g), cq(1.0, qb), xp)
 
 
 def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, compute_dtype=None,
@@ -370,10 +418,10 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     feat = _Features(xp, d_head, choice, "key", dtype)
     width = KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k, width), dtype=dtype)
-    blocks = _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget))
-    for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
+    cols = (_Columns(xp), _Columns(xp))
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, _pass_blocks(xp, k, L, lead, feat.k, width, dtype, budget)):
         kb, vb = (xp.astype(a[..., lo:hi, :], dtype, copy=False) for a in (k, v))
-        data += psi.mT @ key_rhs(xp, vb, kb, with_k)
+        data += psi.mT @ key_rhs(xp, vb, kb, with_k, cols)
     if key_mask is None:
         count = xp.full(lead, float(L), dtype=xp.float64)
     else:
@@ -434,7 +482,8 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     data = xp.zeros(lead + (feat.k, qw), dtype=dtype) if with_state else None
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
     min_den = xp.full(lead + (1, 1), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
+    cols = (_Columns(xp), _Columns(xp), _Columns(xp))
+    for lo, hi in _pass_blocks(xp, q, L, lead, feat.k, width, dtype, budget):
         qb, phi = feat.rows(q, lo, hi, beta)
         x = _grid(phi @ key_states, 1 + d_v, xp)  # [..., Lb, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
         den = x[..., 0, 0:1]  # [..., Lb, 1]
@@ -459,10 +508,10 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
             loss = loss + 0.5 * xp.sum(g * g, dtype=xp.float64)
         r = row_sums(g * o, xp)  # [..., Lb, 1]
         if "q" in need:
-            dq = kron_apply(x[..., 1:], xp.concat([-r, g], axis=-1), xp) * (beta * winv)
+            dq = kron_apply(x[..., 1:], cols[2](-r, g), xp) * (beta * winv)
             rows["dq"][..., lo:hi, :] = xp.astype(dq, out_dtype, copy=False)
         if with_state:
-            data += phi.mT @ (query_rhs(xp, g, r, qb, with_k) * winv)
+            data += phi.mT @ (query_rhs(xp, g, r, qb, with_k, cols[:2]) * winv)
     # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
     count = keys.count[..., None, None]
     ratio = xp.where(count > 0, xp.astype(min_den, xp.float64) / xp.where(count > 0, count, 1.0), math.inf)
@@ -491,8 +540,8 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     query_states = feat.scaled(queries.data)
     rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
-    blocks = _blocks(L, block_rows(L, math.prod(lead), feat.k, queries.data.shape[-1], xp.finfo(dtype).bits // 8,
-                                   budget))
+    blocks = _pass_blocks(xp, k, L, lead, feat.k, queries.data.shape[-1], dtype, budget)
+    cols = _Columns(xp)
     for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
         x = _grid(psi @ query_states, rows_of_grid, xp)  # [..., Lb, rows, cols]
         if "v" in need:
@@ -500,8 +549,7 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
             out["dv"][..., lo:hi, :] = xp.astype(dv, out_dtype, copy=False)
         if "k" in need:
             vb = xp.astype(v[..., lo:hi, :], dtype, copy=False)
-            v1 = xp.concat([-xp.ones(vb.shape[:-1] + (1,), dtype=dtype), vb], axis=-1)
-            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], v1, xp), out_dtype, copy=False)
+            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], cols(-1.0, vb), xp), out_dtype, copy=False)
     return out
 
 

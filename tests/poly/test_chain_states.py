@@ -177,6 +177,10 @@ def test_block_rows_follow_the_budget():
             assert rows == min(L, chain.MIN_BLOCK_ROWS) or lead * rows * per_row(k, w, itemsize) <= budget
             # never fewer rows than the budget and the speed floor allow
             assert rows >= min(L, budget // (lead * per_row(k, w, itemsize)), chain.FAST_MIN_ROWS)
+    # without the cache rule (CuPy) the blocks fill the budget
+    assert chain.block_rows(65536, 1, 45, 81, 4, cache_bytes=None) == 65536
+    rows = chain.block_rows(65536, 1, 4845, 289, 8, cache_bytes=None)
+    assert rows * per_row(4845, 289, 8) <= chain.DEFAULT_BUDGET < (rows + 1) * per_row(4845, 289, 8)
     assert chain.block_rows(65536, 1, 4845, 289, 8, budget=1) == chain.MIN_BLOCK_ROWS
     assert chain.block_rows(5, 1, 4845, 289, 8, budget=1) == 5
 
@@ -202,4 +206,7 @@ def test_peak_memory_follows_the_budget_not_L_k():
     small, big = _peak(4096, budget), _peak(16384, budget)
     rows = 16384 * 4 * 8  # one (L, 4) float64 array
     assert big < 16384 * 70 * 8 / 2
+    # the estimate the feature budget (gpulora.poly.budget) plans with is an upper bound
+    assert small <= chain.peak_bytes(1, 4096, 70, 4, 4, 8, budget)
+    assert big <= chain.peak_bytes(1, 16384, 70, 4, 4, 8, budget)
     assert big - small < 12 * (rows - 4096 * 4 * 8)
