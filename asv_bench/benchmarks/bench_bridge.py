@@ -14,6 +14,10 @@ The layer has the shape of one all-MiniLM-L6-v2 layer (12 heads, ``d_head = 32``
 best step times (robust to a busy machine). Backend ``"numpy"`` runs on the CPU, ``"cupy"`` on CUDA (skipped
 without a CUDA device, and for ``"gpulora"`` without CuPy). Default grid L in {512, 2048}, causal off;
 ``GPULORA_BENCH_FULL=1``: L from 512 to 16384, causal off and on.
+
+On a small or busy CPU, run with ``OPENBLAS_NUM_THREADS=1`` (and ``OMP_NUM_THREADS=1``): torch's OpenMP
+pool and NumPy's OpenBLAS pool otherwise spin against each other and the ``"gpulora"`` times measure that
+(8x to 80x SDPA on two busy cores, against 2x to 7x with one thread each; docs/pytorch.md).
 """
 
 from __future__ import annotations
