@@ -21,12 +21,8 @@ positions, and every gradient of a loss that does not read padded positions, equ
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -44,37 +40,7 @@ _REFUSED_KWARGS = {"softcap": "logit soft-capping", "position_bias": "a position
 _CHECK_ELEMENTS = 1 << 24
 
 
-def _unshadow_kernels() -> None:
-    """Keep a source checkout's ``kernels/`` folder from posing as the ``kernels`` distribution.
-
-    With a gpulora checkout on ``sys.path`` (``PYTHONPATH=$PWD``, or ``python -m pytest`` from its root),
-    the top-level folder ``kernels/`` (installed as ``gpulora.kernels``) is importable as ``kernels``, the
-    import name of Hugging Face's ``kernels`` package, which transformers imports when that distribution is
-    installed; the import then fails. Before transformers is imported, bind ``kernels`` to the real
-    distribution found on the rest of ``sys.path``, or to ``None`` (transformers then sees it absent).
-    """
-    if "kernels" in sys.modules:
-        return
-    ours = (Path(__file__).resolve().parent / "kernels").resolve()
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != ours:
-        return
-    rest = [p for p in sys.path if Path(p or ".").resolve() != ours.parent]
-    real = importlib.machinery.PathFinder.find_spec("kernels", rest)
-    if real is None:
-        sys.modules["kernels"] = None  # find_spec("kernels") is then None
-        return
-    module = importlib.util.module_from_spec(real)
-    sys.modules["kernels"] = module
-    try:
-        real.loader.exec_module(module)
-    except Exception:
-        sys.modules["kernels"] = None
-        raise
-
-
 def _masking_utils():
-    _unshadow_kernels()
     from transformers import masking_utils
 
     return masking_utils
