@@ -1,10 +1,11 @@
 """gpulora: exact and almost-linear-time (polynomial method) LoRA gradients of attention heads.
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
-:func:`loss`, :func:`diagnose`, :func:`poly_features`, the warning category :class:`AccuracyWarning`;
+:func:`loss`, :func:`diagnose`, :func:`poly_features`, the q/k/v-level :func:`attention` and
+:func:`attention_vjp` (:mod:`gpulora.functional`), the warning category :class:`AccuracyWarning`;
 problems on disk in :mod:`gpulora.io`; the subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with
-``compile_ptx_all``; ``gpulora[ptx]``). Arrays are NumPy or CuPy, float32 or float64. The mathematics:
-docs/math.md.
+``compile_ptx_all``; ``gpulora[ptx]``). Arrays are NumPy or CuPy, float16, bfloat16 (ml_dtypes), float32
+or float64 (half precision is computed in float32). The mathematics: docs/math.md.
 """
 
 import importlib.abc
@@ -14,11 +15,14 @@ import sys
 
 from .diagnosis import Diagnosis as Diagnosis
 from .diagnosis import diagnose as diagnose
+from .functional import attention as attention
+from .functional import attention_vjp as attention_vjp
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss
 from .model import AccuracyWarning as AccuracyWarning
 from .model import AdapterGrad as AdapterGrad
+from .model import AttentionGrad as AttentionGrad
 from .model import GradResult as GradResult
 from .model import Head as Head
 from .model import LoRA as LoRA
@@ -53,11 +57,14 @@ __all__ = [
     "DEFAULT_TOL",
     "AccuracyWarning",
     "AdapterGrad",
+    "AttentionGrad",
     "Diagnosis",
     "GradResult",
     "Head",
     "LoRA",
     "PolynomialFailure",
+    "attention",
+    "attention_vjp",
     "diagnose",
     "forward",
     "lora_grad",
