@@ -42,7 +42,7 @@ def test_extras_hold_what_the_docs_say(project):
     assert extras["cuda13"]["numba-cuda"] == {"cu13"} and "cupy-cuda13x" in extras["cuda13"]
     assert extras["ptx"] == {"numba-cuda": {"cu13"}}
     assert set(extras["plot"]) == {"matplotlib", "tqdm"}
-    assert {"pytest", "hypothesis", "array-api-strict"} <= set(extras["test"])
+    assert {"pytest", "hypothesis", "array-api-strict", "ml-dtypes"} <= set(extras["test"])
     # [test] brings no CUDA wheel, so it resolves beside [cuda12] as beside [cuda13] (by construction)
     assert not any(n.startswith(("numba", "cupy", "nvidia", "cuda")) for n in extras["test"])
     assert {"torch", "bench"} <= set(extras)
