@@ -219,9 +219,10 @@ def test_poly_vjp_holds_tol_on_bounded_problems(case, tol):
     q, k, v, g, opts = make_inputs(9, case, scale=0.35)
     ref = gpulora.attention_vjp(q, k, v, g, method="exact", **opts)
     res = gpulora.attention_vjp(q, k, v, g, method="poly", tol=tol, **opts)
-    assert res.method == "poly" and 0 < res.bound < 3
+    assert res.method == "poly" and 0 < res.bound < 3 and 0 < res.error_bound <= tol
     for name in ("out", "dq", "dk", "dv"):
-        assert rel_error(getattr(res, name), getattr(ref, name)) <= 10 * tol, name
+        # measured 0.02 .. 0.3 eps with an exact upstream gradient (no residual to amplify the error)
+        assert rel_error(getattr(res, name), getattr(ref, name)) <= res.error_bound, name
     out = gpulora.attention(q, k, v, method="poly", tol=tol, **opts)
     assert rel_error(out, ref.out) <= 10 * tol
 
