@@ -303,3 +303,13 @@ def test_huge_padding_rows_change_nothing(causal, method):
     assert res.bound == ref.bound
     for name in ("out", "dq", "dk", "dv"):
         np.testing.assert_array_equal(getattr(res, name), getattr(ref, name))
+
+
+def test_half_precision_overflow_is_refused():
+    """Results computed in float32 that do not fit float16 raise instead of coming back as inf."""
+    case = ((1,), 1, 1, 4, 2, 2, False, None, False)
+    q, k, v, g, opts = make_inputs(13, case, dtype=np.float16)
+    v = np.full_like(v, 6e4)
+    g = np.full_like(g, 6e4)
+    with pytest.raises(ValueError, match="overflows float16"):
+        gpulora.attention_vjp(q, k, v, g, method="exact")
