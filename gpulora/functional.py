@@ -160,7 +160,8 @@ def attention_vjp(q, k, v, grad_output, *, beta=None, causal=False, key_mask=Non
         ``dq``, ``dk``, ``dv`` shaped like ``q``, ``k``, ``v`` (``dk``, ``dv`` summed over each key/value
         head's query heads), ``out`` (the forward output, computed on the way), and the plan that ran:
         ``method``, ``degree``, ``features``, ``bound``, ``family``, ``compute_dtype``, ``note``. Arrays in the
-        namespace of the inputs and their promoted dtype. Cost: one forward and one backward pass.
+        namespace of the inputs and their promoted dtype; ``error_bound`` and ``error_estimate`` (poly). Cost:
+        one forward and one backward pass.
 
     Raises
     ------
@@ -173,8 +174,8 @@ def attention_vjp(q, k, v, grad_output, *, beta=None, causal=False, key_mask=Non
         raise TypeError("grad_output must be an array of the output's shape (..., H, L, d_v), got None")
     call = _Call(q, k, v, grad_output, beta=beta, causal=causal, key_mask=key_mask, softmax_one=softmax_one)
     p = plan(call.att, method, degree=degree, tol=tol, family=family)
-    p, (_, out, dq, dk, dv), _ = run_vjp(call.att, p, method, grad_output=call.grad_output)
+    p, (_, out, dq, dk, dv), est = run_vjp(call.att, p, method, grad_output=call.grad_output)
     res = AttentionGrad(dq=call.back("q", dq), dk=call.back("k", dk), dv=call.back("v", dv),
-                        out=call.back("out", out), **p.fields(q.shape[-1]))
+                        out=call.back("out", out), error_estimate=est, **p.fields(q.shape[-1]))
     check_fits(call.result_dtype, res.dq, res.dk, res.dv, res.out)
     return res
