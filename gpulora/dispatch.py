@@ -37,6 +37,7 @@ from .poly import causal as causal_chain
 from .poly import chain
 from .poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from .poly.coefficients import DEFAULT_TOL, FAMILIES, PolyChoice, choose
+from .poly.products import row_sums
 from .validation import all_finite, check_bool, check_degree, check_method, check_tol
 
 __all__ = ["GRAD_TOL_FACTOR", "Attention", "Plan", "check_options", "error_estimate", "plan", "run_output",
@@ -194,11 +195,14 @@ def error_estimate(att: Attention, p: Plan, residual_norm: float) -> float:
     eps = p.error_bound
     delta = 2 * eps / (1 - eps)
     xp = att.xp
-    v = xp.astype(att.v, xp.float64, copy=False)  # (N, H_kv, 1, L, d_v)
-    c = 0.0 if att.softmax_one else xp.mean(v, axis=-2, keepdims=True)
-    spread2 = xp.max(xp.sum((v - c) ** 2, axis=-1), axis=-1)  # [N, H_kv, 1]
+    v = att.v  # (N, H_kv, 1, L, d_v), compute dtype: a float64 copy of it cost more than the check's arithmetic
+    if not att.softmax_one:
+        v = v - (xp.ones((1, v.shape[-2]), dtype=v.dtype) @ v) / max(v.shape[-2], 1)  # minus the mean (BLAS)
+    # max_j |v_j - c|^2 in v's dtype, enlarged by a rounding allowance so that it stays an upper bound
+    rounding = 1.0 + 4.0 * (v.shape[-1] + 2) * float(np.finfo(np.dtype(str(v.dtype))).eps)
+    spread2 = xp.max(row_sums(v * v, xp)[..., 0], axis=-1)  # [N, H_kv, 1]
     n_rep = att.q.shape[2]
-    e_out = delta * math.sqrt(v.shape[-2] * n_rep * backend.to_float(xp.sum(spread2)))
+    e_out = delta * math.sqrt(v.shape[-2] * n_rep * rounding * backend.to_float(xp.sum(spread2)))
     return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
 
 
