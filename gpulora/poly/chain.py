@@ -32,7 +32,11 @@ block's right-hand side is one row-wise Kronecker product and its readout one ba
    ``dV`` (its ``R_G`` part) and ``dK = beta ([-1 | V] . [R_Q; T_Q])`` row by row.
 
 The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
-``k x W`` states, once, instead of to every ``Lb x k`` block.
+``k x W`` states, once, instead of to every ``Lb x k`` block. Every block is held feature-major (features
+``(k, Lb)``, right-hand sides and products ``(W, Lb)``, as the feature map builds them), so that the
+Kronecker products (:func:`gpulora.poly.products.kron_cols`), readouts and row reductions are broadcasts
+over long contiguous rows: at ``d_head = 8``, ``g = 2``, float32 this measured 15x faster for the
+Kronecker block than ``repeat``/``tile`` in the row layout, and the whole call 1.1-1.5x faster.
 
 The states are associative sums (``+`` adds them; the normaliser ratio takes the minimum), so the passes
 shard over tokens: map :func:`key_pass` over key shards, reduce with ``+``, broadcast; map

@@ -11,9 +11,9 @@ Two operations carry the time of the polynomial gradient (docs/math.md section 4
     Cost ``2 L k p q + 2 L p q`` flops.
 
 Both are a GEMM with a block of Kronecker rows, :func:`kron_rows` (``Lb x p q``, materialised one block of
-``L`` at a time), followed for the readout by the per-row contraction :func:`kron_apply`. The chain
-(:mod:`gpulora.poly.chain`) uses these two pieces directly, with the Kronecker block stacked beside the
-other right-hand sides of one GEMM per block. :func:`kron_contract_reference` and
+``L`` at a time), followed for the readout by the per-row contraction :func:`kron_apply`. The causal chain
+(:mod:`gpulora.poly.causal`) uses these two pieces directly; the streamed chain (:mod:`gpulora.poly.chain`)
+holds its blocks feature-major and uses :func:`kron_cols`, the same product over long contiguous rows. :func:`kron_contract_reference` and
 :func:`kron_readout_reference` are the references of the Numba kernels in ``gpulora.kernels.kron``; they
 walk blocks of at most :data:`BLOCK_ELEMENTS` ``L``-rows-times-``p q`` elements and hand the product to the
 BLAS (cuBLAS on CuPy). Extra memory ``O(k p q + BLOCK_ELEMENTS)``.
