@@ -513,8 +513,11 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     data = xp.zeros(lead + (feat.k, qw), dtype=dtype) if with_state else None
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
     min_den = xp.full(lead + (1,), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
-    states_t = key_states.mT  # (..., kw, k): every block's product comes out feature-major, (..., kw, Lb)
     cols = 1 + d_head if keys.with_k else 1
+    if keys.with_k:  # beta on the S_K, T_K columns, once: the dQ rows then need no multiply by it
+        key_states = _grid(key_states, 1 + d_v, xp) * xp.asarray([1.0] + [beta] * d_head, dtype=dtype)
+        key_states = xp.reshape(key_states, key_states.shape[:-2] + (kw,))
+    states_t = key_states.mT  # (..., kw, k): every block's product comes out feature-major, (..., kw, Lb)
     cg, cq = _Rows(xp), _Rows(xp)
     for lo, hi in _pass_blocks(xp, q, L, lead, feat.k, width, dtype, budget):
         qb, phi = feat.rows(q, lo, hi, beta)  # phi (..., k, Lb)
@@ -541,12 +544,13 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         if loss is not None:
             loss = loss + 0.5 * xp.sum(g * g, dtype=xp.float64)
         r = xp.sum(g * o, axis=-2, keepdims=True)  # [..., 1, Lb]
-        if "q" in need:  # dQ^T = beta / D ([-r | G] . [U S_K; U T_K] D), summed over the d_v + 1 grid rows
-            dq = xp.sum(g[..., :, None, :] * x[..., 1:, 1:, :], axis=-3) - r * x[..., 0, 1:, :]
-            rows["dq"][..., lo:hi, :] = _cast(xp, (dq * (beta * winv)).mT, out_dtype)
+        gw = g * winv
+        rw = r * winv if with_k or "q" in need else None
+        if "q" in need:  # dQ^T = [-r | G] / D . beta [U S_K; U T_K] D (beta is in the states), over the grid rows
+            dq = xp.sum(gw[..., :, None, :] * x[..., 1:, 1:, :], axis=-3) - rw * x[..., 0, 1:, :]
+            rows["dq"][..., lo:hi, :] = _cast(xp, dq.mT, out_dtype)
         if with_state:
-            gw = g * winv
-            rhs = kron_cols(cg(r * winv, gw.mT), cq(1.0, qb), xp) if with_k else gw  # ([r | G] (x) [1 | Q]) / D
+            rhs = kron_cols(cg(rw, gw.mT), cq(1.0, qb), xp) if with_k else gw  # ([r | G] (x) [1 | Q]) / D
             data += phi @ rhs.mT
     # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
     count = keys.count[..., None]
