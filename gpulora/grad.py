@@ -53,9 +53,19 @@ def _check_options(method, degree, tol, causal, family):
 def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targets=("q", "k", "v")) -> Plan:
     """Decide what runs for a prepared problem (see :func:`lora_grad` for ``method="auto"``)."""
     bound = chain.score_bound(prob.q, prob.k, prob.beta)
+    return plan_for_bound(bound, method, dtype=prob.q.dtype, lead=math.prod(prob.q.shape[:2]),
+                          L=prob.q.shape[-2], d_head=prob.q.shape[-1], d_v=prob.v.shape[-1],
+                          backend_name="cupy" if backend.is_cupy(prob.q) else "numpy", degree=degree, tol=tol,
+                          causal=causal, family=family, targets=targets)
+
+
+def plan_for_bound(bound, method, *, dtype, lead, L, d_head, d_v, backend_name="numpy", degree=None, tol=None,
+                   causal=False, family=None, targets=("q", "k", "v")) -> Plan:
+    """:func:`plan` from a score bound computed elsewhere (e.g. reduced over shards by
+    :mod:`gpulora.distributed`) and the sizes of the whole problem: ``lead`` = batch * heads."""
     if method == "exact":
         return Plan("exact", bound)
-    dtype = np.dtype(prob.q.dtype)
+    dtype = np.dtype(dtype)
     try:
         choice, compute = choose(bound, tol=tol, degree=degree, family=family, dtype=dtype)
     except ValueError as err:
@@ -64,11 +74,8 @@ def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targ
         return Plan("exact", bound, note=f"auto: poly cannot meet the tolerance here ({err})")
     if method == "poly":
         return Plan("poly", bound, choice, compute)
-    lead, L = math.prod(prob.q.shape[:2]), prob.q.shape[-2]
-    d_head, d_v = prob.q.shape[-1], prob.v.shape[-1]
-    name = "cupy" if backend.is_cupy(prob.q) else "numpy"
-    t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
-    t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=name,
+    t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=backend_name, causal=causal)
+    t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=backend_name,
                                       causal=causal, float64_features=compute != dtype)
     winner = "poly" if t_poly < t_exact else "exact"
     note = (f"auto: estimated exact {t_exact:.3g} s vs poly {t_poly:.3g} s (degree {choice.degree} "

@@ -30,7 +30,8 @@ import math
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "scores"]
+__all__ = ["BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "query_rows_loss_and_grads",
+           "scores"]
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -164,3 +165,58 @@ def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("
         if dq is not None:
             dq[..., i0:i1, :] = beta * dqb
     return xp.astype(loss, q.dtype), dq, dk, dv
+
+
+def query_rows_loss_and_grads(qr, k, v, yr, beta, *, row0, causal=False, softmax_one=False,
+                              need=("q", "k", "v")):
+    """What the query rows ``row0 .. row0 + Lq`` contribute to :func:`loss_and_grads`, against all keys.
+
+    For token-sharded exact gradients (:mod:`gpulora.distributed`): a worker holds the rows ``qr, yr
+    (..., Lq, d)`` of its shard and the whole ``k, v (..., L, d)``; the query rows' loss and ``dQ`` are
+    complete, the key and value gradients are partial sums to be reduced over the shards. Blocked as
+    :func:`loss_and_grads` (``lead * block_q * block_k <= BLOCK_ELEMENTS``). Cost
+    ``O(Lq L (d_head + d_v))`` time, ``O(L (d_head + d_v))`` memory per leading index.
+
+    Returns
+    -------
+    (loss, dq, dk, dv)
+        ``loss`` 0-d of ``qr.dtype``; ``dq (..., Lq, d_head)``; ``dk (..., L, d_head)`` and
+        ``dv (..., L, d_v)`` partial (rows past the last key a causal shard sees are zero); ``None`` for
+        gradients not in ``need``.
+    """
+    xp = backend.namespace(qr, k, v, yr)
+    need = set(need)
+    Lq, L = qr.shape[-2], k.shape[-2]
+    bq, bk = block_sizes(math.prod(qr.shape[:-2]), L)
+    dq = backend.empty(qr.shape, qr.dtype, xp) if "q" in need else None
+    dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
+    dv = xp.zeros(v.shape, dtype=v.dtype) if "v" in need else None
+    loss = xp.zeros((), dtype=xp.float64)
+    for a0 in range(0, Lq, bq):
+        a1 = min(Lq, a0 + bq)
+        i0 = row0 + a0
+        qb = qr[..., a0:a1, :]
+        kv_end = _kv_end(L, row0 + a1, causal)
+        o, lse, f = _forward_rows(xp, qb, k, v, beta, i0, kv_end, bk, causal, softmax_one)
+        g = o - yr[..., a0:a1, :]
+        loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
+        if not need:
+            continue
+        r = xp.sum(g * o, axis=-1, keepdims=True)
+        dqb = xp.zeros(qb.shape, dtype=qr.dtype) if dq is not None else None
+        for j0 in range(0, kv_end, bk):
+            j1 = min(kv_end, j0 + bk)
+            kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
+            fb = f if f is not None else xp.exp(scores(xp, qb, kb, beta, i0, j0, causal) - lse)
+            if dv is not None:
+                dv[..., j0:j1, :] += fb.mT @ g
+            if dq is None and dk is None:
+                continue
+            p = fb * (g @ vb.mT - r)  # [lead, bq, bk]: dloss/dS on this block
+            if dqb is not None:
+                dqb += p @ kb
+            if dk is not None:
+                dk[..., j0:j1, :] += beta * (p.mT @ qb)
+        if dq is not None:
+            dq[..., a0:a1, :] = beta * dqb
+    return xp.astype(loss, qr.dtype), dq, dk, dv

@@ -1,0 +1,241 @@
+"""``gpulora.distributed.lora_grad``: the LoRA gradient of one call spread over Dask workers.
+
+Modes (chosen from how ``x`` is chunked, or forced with ``mode=``; the one that ran and why is in
+``GradResult.note`` and logged on the ``gpulora.distributed`` logger):
+
+- ``"batch"``: whole sequences per task (batch blocks, and with ``heads_per_task`` also groups of heads);
+  each task runs the single-process path on its slice; loss and adapter gradients are summed in a tree.
+  What moves: the blocks of ``x, y`` in, ``dB, dA`` and the loss out, per task.
+- ``"tokens"``, exact: per sequence, every task projects its token block to ``(k, v)``; the blocks are
+  concatenated and sent once to every task of the sequence (a broadcast of ``L (d_head + d_v)`` per
+  head); each task computes its query rows against all keys (loss, ``dQ`` complete) and partial
+  ``dK, dV`` over the whole sequence, which are tree-summed and split back into rows for the ``k, v``
+  adapter gradients. What moves: ``O(L d)`` per task and head, like ring attention.
+
+The bound ``M``, and with it the method, the polynomial and the compute dtype, are decided for the whole
+call first (a light map-reduce of row-norm maxima), so every mode computes the same gradient as
+:func:`gpulora.lora_grad` on the whole input, to rounding (summation order).
+
+Scheduling: ``client`` (a ``distributed.Client``), else the default client if one exists, else dask's
+local threaded scheduler. A worker lost mid-run makes the scheduler recompute what it held; every sum
+carries the set of shards it covers and the total is checked against the full set, so a result is
+either complete or an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+
+import numpy as np
+
+from .. import backend
+from ..grad import _check_options, _with_fallback, plan_for_bound
+from ..model import AdapterGrad, GradResult, Head, LoRA
+from . import tasks
+from .parts import Part, check_cover, combine, tree_reduce
+from .shards import Shards, split
+
+__all__ = ["MODES", "lora_grad"]
+
+MODES = ("auto", "batch", "tokens")
+log = logging.getLogger("gpulora.distributed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The mode and its tasks: ``heads`` the head groups ``(h0, h1)`` (batch mode), ``why`` the reason."""
+
+    mode: str
+    heads: tuple
+    why: str
+
+
+def _head_groups(H: int, heads_per_task) -> tuple:
+    if heads_per_task is None:
+        return ((0, H),)
+    if isinstance(heads_per_task, bool) or not isinstance(heads_per_task, int) or not 1 <= heads_per_task <= H:
+        raise ValueError(f"heads_per_task must be an int in [1, heads = {H}], got {heads_per_task!r}")
+    return tuple((h, min(H, h + heads_per_task)) for h in range(0, H, heads_per_task))
+
+
+def choose_layout(sh: Shards, H: int, mode: str, heads_per_task) -> Layout:
+    """Validate the chunking against ``mode`` and decide what runs (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    nb, nt = len(sh.batch_sizes), len(sh.token_sizes)
+    groups = _head_groups(H, heads_per_task)
+    if mode == "auto":
+        mode = "tokens" if nt > 1 else "batch"
+    if mode == "tokens":
+        if nt < 2:
+            raise ValueError(f"mode='tokens' needs x split over tokens into >= 2 blocks; x has one token block "
+                             f"of {sh.L} (chunks=(..., n) or a dask array chunked along its token axis)")
+        if heads_per_task is not None:
+            raise ValueError("heads_per_task applies to mode='batch'; token-sharded tasks keep every head")
+        return Layout("tokens", ((0, H),), f"x is split into {nt} token blocks {sh.token_sizes}")
+    if nt > 1:
+        raise ValueError(f"mode='batch' needs whole sequences per block, but x is split over tokens into "
+                         f"{sh.token_sizes}: use mode='tokens' or chunk only the batch axis")
+    if nb < 2 and len(groups) < 2:
+        if mode == "batch" and sh.batch < 2:
+            raise ValueError(f"a batch of {sh.batch} cannot be split over the batch axis: split x over tokens "
+                             f"(chunks=(None, n), mode='tokens') or over heads (heads_per_task)")
+        why = "x is one block (no split): one task"
+    else:
+        why = f"{nb} batch block(s) {sh.batch_sizes} x {len(groups)} head group(s)"
+    return Layout("batch", groups, why)
+
+
+def _compute(client, obj):
+    import dask
+
+    if client is None:
+        return dask.compute(obj)[0]
+    return dask.compute(obj, scheduler=client)[0]
+
+
+def _bound(sh: Shards, head_d, lora_d, beta, client) -> float:
+    import dask
+
+    fn = dask.delayed(tasks.row_norm_maxima, pure=False)
+    maxima = _compute(client, [[fn(head_d, lora_d, xb) for xb in row] for row in sh.x])
+    best = 0.0
+    for row in maxima:
+        qn = tasks.max_over(m[0] for m in row)
+        kn = tasks.max_over(m[1] for m in row)
+        best = max(best, float(np.max(qn * kn)))
+    return beta * float(np.sqrt(best))
+
+
+def _batch_total(sh: Shards, lay: Layout, head_d, lora_d, plan, causal):
+    import dask
+
+    fn = dask.delayed(tasks.batch_part, pure=False)
+    parts, cover = [], []
+    for b, row in enumerate(sh.x):
+        for g in lay.heads:
+            heads = None if len(lay.heads) == 1 else g
+            parts.append(fn(head_d, lora_d, row[0], sh.y[b][0], plan, causal, (b, g), heads))
+            cover.append((b, g))
+    return tree_reduce(parts), cover
+
+
+def _tokens_exact_total(sh: Shards, head_d, lora_d, causal):
+    import dask
+
+    kv = dask.delayed(tasks.key_values, pure=False)
+    cat = dask.delayed(tasks.concat_kv, pure=False)
+    rows = dask.delayed(tasks.exact_rows_part, pure=False)
+    take = dask.delayed(tasks.take_rows, pure=False)
+    strip = dask.delayed(tasks.without_rows, pure=False)
+    kvg = dask.delayed(tasks.key_value_grads_part, pure=False)
+    offsets, sizes = sh.token_offsets, sh.token_sizes
+    parts, cover = [], []
+    for b, row in enumerate(sh.x):
+        whole = cat(*[kv(head_d, lora_d, xb) for xb in row])  # one key whose data each task receives once
+        per_row = [rows(head_d, lora_d, xb, sh.y[b][t], whole, offsets[t], causal, (b, t))
+                   for t, xb in enumerate(row)]
+        summed = tree_reduce(per_row)
+        parts.append(strip(summed))
+        for t, xb in enumerate(row):
+            parts.append(kvg(head_d, lora_d, xb, take(summed, offsets[t], sizes[t]), ("kv", b, t)))
+            cover += [(b, t), ("kv", b, t)]
+    return tree_reduce(parts), cover
+
+
+def _pack(total: Part, lora: LoRA, sh: Shards, xp) -> dict:
+    return {t: AdapterGrad(B=total.values[t + ".B"], A=total.values[t + ".A"]) for t in lora.targets}
+
+
+def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degree=None, tol=None, causal=False,
+              family=None, chunks=None, mode="auto", heads_per_task=None) -> GradResult:
+    """Loss and adapter gradients of :func:`gpulora.lora_grad`, computed by Dask workers.
+
+    Parameters
+    ----------
+    head, lora, method, degree, tol, causal, family
+        As in :func:`gpulora.lora_grad` (same meaning, same result to rounding).
+    x : dask array, or NumPy/CuPy array, of shape (L, d_model) or (batch, L, d_model)
+        Dask: chunked over batch and/or tokens (one block along ``d_model``, else re-chunked); its blocks
+        may be NumPy or CuPy (dask-cuda). NumPy/CuPy: cut by ``chunks``.
+    y : same kind as ``x``, shape (L, H d_v) or (batch, L, H d_v)
+        Dask: re-chunked to ``x``'s leading blocks if they differ.
+    client : distributed.Client, optional
+        Scheduler; default: the current default client, else dask's local threads.
+    chunks : None, int or tuple
+        NumPy/CuPy input only: block sizes ``(batch, tokens)`` (3-D ``x``) or ``tokens`` (2-D), dask style:
+        an int block size (the last block takes the remainder, so blocks may be unequal), a tuple of sizes
+        summing to the axis, or ``None`` for one block.
+    mode : {"auto", "batch", "tokens"}
+        ``"auto"``: ``"tokens"`` when ``x`` has several token blocks, else ``"batch"``.
+    heads_per_task : int, optional
+        Batch mode: split the heads into groups of this many (the last may be smaller), one task per
+        (batch block, head group).
+
+    Returns
+    -------
+    GradResult
+        As :func:`gpulora.lora_grad`, gathered to the caller (arrays of the blocks' library); ``note``
+        starts with ``"distributed <mode>: <why>"``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad input or chunking (naming the argument), as :func:`gpulora.lora_grad` for the rest.
+    RuntimeError
+        When a distributed sum does not cover every shard exactly once.
+    """
+    _check_options(method, degree, tol, causal, family)
+    if not isinstance(head, Head):
+        raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
+    if not isinstance(lora, LoRA):
+        raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    if client is not None:
+        from distributed import Client
+
+        if not isinstance(client, Client):
+            raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
+    import dask
+
+    sh = split(x, y, chunks, head.d_model, head.heads * head.d_v)
+    lay = choose_layout(sh, head.heads, mode, heads_per_task)
+    tag = uuid.uuid4().hex[:8]
+    head_d = dask.delayed(head, name=f"gpulora-head-{tag}")
+    lora_d = dask.delayed(lora, name=f"gpulora-lora-{tag}")
+    bound = _bound(sh, head_d, lora_d, head.beta, client)
+    name = "cupy" if backend.is_cupy(sh.sample) else "numpy"
+    p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
+                       d_v=head.d_v, backend_name=name, degree=degree, tol=tol, causal=causal, family=family,
+                       targets=lora.targets)
+
+    def run(_, p):
+        if lay.mode == "batch":
+            graph, cover = _batch_total(sh, lay, head_d, lora_d, p, causal)
+        elif p.method == "exact":
+            graph, cover = _tokens_exact_total(sh, head_d, lora_d, causal)
+        else:
+            raise NotImplementedError("token-sharded poly")
+        return check_cover(_compute(client, graph), cover)
+
+    p, total = _with_fallback(run, None, p, method)
+    xp = backend.namespace(sh.sample)
+    note = f"distributed {lay.mode}{'-' + p.method if lay.mode == 'tokens' else ''}: {lay.why}"
+    if sh.rechunked:
+        note += "; " + "; ".join(sh.rechunked)
+    if p.note:
+        note += "; " + p.note
+    log.info(note)
+    poly = p.method == "poly"
+    return GradResult(
+        loss=xp.asarray(total.values["loss"], dtype=sh.dtype),
+        grads=_pack(total, lora, sh, xp),
+        method=p.method,
+        degree=p.choice.degree if poly else None,
+        features=p.choice.features(head.d_head) if poly else None,
+        bound=p.bound,
+        family=p.choice.family if poly else None,
+        compute_dtype=str(p.compute_dtype) if poly else None,
+        note=note,
+    )

@@ -1,0 +1,145 @@
+"""The functions that run on the workers: each takes blocks of ``x`` and ``y`` and returns small arrays.
+
+Every task re-projects its own block (``prepare``: ``O(L_t d_model H d)``, small next to the attention
+work) instead of shipping projections around, and returns a :class:`~gpulora.distributed.parts.Part`
+tagged with the shards it covers. Adapter gradients leave the workers as ``dB, dA`` (the LoRA chain rule
+``dW = x^T dP`` is a sum over tokens and batch members, so per-shard ``dB, dA`` add up to the total).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..adapters import Problem, adapter_grads, prepare
+from ..exact.attention import query_rows_loss_and_grads
+from ..grad import _run
+from ..model import Head, LoRA
+from .parts import Part
+
+__all__ = [
+    "batch_part",
+    "concat_kv",
+    "exact_rows_part",
+    "head_group",
+    "key_value_grads_part",
+    "row_norm_maxima",
+    "take_rows",
+]
+
+
+def row_norm_maxima(head: Head, lora: LoRA, x):
+    """``(max_i |q_i|^2, max_j |k_j|^2)`` per (batch member, head) of the block ``x``: NumPy ``(b, H)`` each.
+
+    The bound of the whole call, ``M = beta max_(b,h) sqrt(max_i |q_i|^2 max_j |k_j|^2)``, is the max over
+    token blocks of these, then the product: the same number :func:`gpulora.poly.chain.score_bound` gives.
+    """
+    prob = prepare(head, lora, x)
+    xp = prob.xp
+    qn = xp.max(xp.sum(prob.q * prob.q, axis=-1), axis=-1)
+    kn = xp.max(xp.sum(prob.k * prob.k, axis=-1), axis=-1)
+    return backend.to_numpy(qn), backend.to_numpy(kn)
+
+
+def head_group(head: Head, lora: LoRA, h0: int, h1: int):
+    """The head and adapters restricted to heads ``h0 .. h1 - 1`` (columns of ``w`` and ``A``).
+
+    ``B`` is shared by all heads, so the ``dB`` of the groups add up; ``dA`` of a group is its columns.
+    """
+    dq, dv = head.d_head, head.d_v
+    qk, v = slice(h0 * dq, h1 * dq), slice(h0 * dv, h1 * dv)
+    cols = {"q": qk, "k": qk, "v": v}
+    sub = Head(head.w_q[:, qk], head.w_k[:, qk], head.w_v[:, v], beta=head.beta, heads=h1 - h0,
+               softmax_one=head.softmax_one)
+    adapters = {t: (b, a[:, cols[t]]) for t, (b, a) in lora.adapters.items()}
+    return sub, LoRA(adapters, alpha=lora.alpha), cols
+
+
+def _grad_values(lora: LoRA, prob: Problem, d_proj: dict, cols=None, widths=None) -> dict:
+    """``{"t.B": dB, "t.A": dA}``; with a head group, ``dA`` is placed in its columns of a full-width zero."""
+    out = {}
+    for t, g in adapter_grads(lora, prob, d_proj).items():
+        out[t + ".B"] = g.B
+        if cols is None:
+            out[t + ".A"] = g.A
+        else:
+            full = prob.xp.zeros((g.A.shape[0], widths[t]), dtype=g.A.dtype)
+            full[:, cols[t]] = g.A
+            out[t + ".A"] = full
+    return out
+
+
+def batch_part(head: Head, lora: LoRA, x, y, plan, causal: bool, cover, heads=None) -> Part:
+    """Loss and adapter gradients of whole sequences ``x (b, L, d_model)``, with the call's ``plan``
+    (same method, polynomial and compute dtype as a single-process call), for all heads or the heads
+    ``h0 .. h1 - 1`` given in ``heads``. Cost: that of :func:`gpulora.lora_grad` on the block."""
+    cols = widths = None
+    if heads is not None:
+        widths = {t: head.weight(t).shape[1] for t in lora.targets}
+        head, lora, cols = head_group(head, lora, *heads)
+        y = y[..., cols["v"]]
+    prob = prepare(head, lora, x, y)
+    need = lora.targets
+    loss, dq, dk, dv = _run(prob, plan, causal=causal, need=need)
+    values = {"loss": loss, **_grad_values(lora, prob, {"q": dq, "k": dk, "v": dv}, cols, widths)}
+    return Part(frozenset([cover]), values)
+
+
+def concat_kv(*blocks):
+    """``(K, V)`` of a whole sequence from the ``(k, v)`` of its token blocks, in order."""
+    xp = backend.namespace(*[a for kv in blocks for a in kv])
+    return tuple(xp.concat([kv[i] for kv in blocks], axis=-2) for i in (0, 1))
+
+
+def key_values(head: Head, lora: LoRA, x):
+    """``(k, v)`` of a token block, in head layout ``(b, H, L_t, d)``."""
+    prob = prepare(head, lora, x)
+    return prob.k, prob.v
+
+
+def exact_rows_part(head: Head, lora: LoRA, x, y, kv, row0: int, causal: bool, cover) -> Part:
+    """Token-sharded exact: the query rows of one shard against all keys ``kv = (K, V)``.
+
+    Returns the shard's loss, its ``q`` adapter gradients (complete for its rows), and partial ``dK``,
+    ``dV`` over the whole sequence (``"dk"``, ``"dv"``), to be summed over the shards of the sequence.
+    """
+    prob = prepare(head, lora, x, y)
+    need = lora.targets
+    loss, dq, dk, dv = query_rows_loss_and_grads(prob.q, kv[0], kv[1], prob.y, prob.beta, row0=row0,
+                                                 causal=causal, softmax_one=prob.softmax_one, need=need)
+    values = {"loss": loss}
+    if "q" in need:
+        values.update(_grad_values(_only(lora, "q"), prob, {"q": dq}))
+    for name, a in (("dk", dk), ("dv", dv)):
+        if a is not None:
+            values[name] = a
+    return Part(frozenset([cover]), values)
+
+
+def take_rows(part: Part, row0: int, n: int):
+    """Rows ``row0 .. row0 + n`` of the reduced ``"dk"`` and ``"dv"`` of ``part`` (only they travel on)."""
+    return {name: part.values[name][..., row0:row0 + n, :] for name in ("dk", "dv") if name in part.values}
+
+
+def without_rows(part: Part) -> Part:
+    """``part`` without its whole-sequence ``"dk"``, ``"dv"`` (already split into rows by :func:`take_rows`)."""
+    return Part(part.cover, {n: a for n, a in part.values.items() if n not in ("dk", "dv")})
+
+
+def key_value_grads_part(head: Head, lora: LoRA, x, rows: dict, cover) -> Part:
+    """``k`` and ``v`` adapter gradients of one token block from its rows of the reduced ``dK``, ``dV``."""
+    sub = {t: lora.adapters[t] for t in ("k", "v") if t in lora.adapters}
+    if not sub:
+        return Part(frozenset([cover]), {})
+    lo = LoRA(sub, alpha=lora.alpha)
+    prob = prepare(head, lo, x)
+    return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in sub}))
+
+
+def _only(lora: LoRA, target: str) -> LoRA:
+    return LoRA({target: lora.adapters[target]}, alpha=lora.alpha)
+
+
+def max_over(blocks) -> np.ndarray:
+    """Elementwise max of NumPy arrays of equal shape."""
+    return np.maximum.reduce(list(blocks))
