@@ -142,8 +142,7 @@ class _Sweep:
         self.phi = monomial_features(qs, table, sq)
         self.psi = monomial_features(self.k_, table, sk)
         # before the padded rows are zeroed (there phi . psi = p(0) still holds)
-        check_extreme_pairs(*(xp.reshape(a, (B, lp, a.shape[-1])) for a in (qs, self.k_, self.phi, self.psi)),
-                            choice)
+        check_extreme_pairs(*(xp.reshape(a, (B, lp, a.shape[-1])) for a in (qs, self.k_)), choice)
         if lp > L:
             last = L - (n - 1) * c
             self.phi[:, -1, last:, :] = 0
