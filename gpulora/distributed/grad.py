@@ -145,6 +145,29 @@ def _tokens_exact_total(sh: Shards, head_d, lora_d, causal):
     return tree_reduce(parts), cover
 
 
+def _tokens_poly_total(sh: Shards, head_d, lora_d, plan, targets):
+    import dask
+
+    keys = dask.delayed(tasks.key_state_part, pure=False)
+    queries = dask.delayed(tasks.query_state_part, pure=False)
+    checked = dask.delayed(tasks.checked_query_states, pure=False)
+    loss = dask.delayed(tasks.loss_of_queries, pure=False)
+    kvg = dask.delayed(tasks.poly_key_grads_part, pure=False)
+    plan_d = dask.delayed(plan, name=f"gpulora-plan-{uuid.uuid4().hex[:8]}")
+    parts, cover = [], []
+    for b, row in enumerate(sh.x):
+        key_total = tree_reduce([keys(head_d, lora_d, xb, plan_d, (b, t)) for t, xb in enumerate(row)])
+        query_total = tree_reduce([queries(head_d, lora_d, xb, sh.y[b][t], key_total, plan_d, (b, t))
+                                   for t, xb in enumerate(row)])
+        parts.append(loss(query_total, plan_d))
+        cover += [(b, t) for t in range(len(row))]
+        if {"k", "v"} & set(targets):
+            state = checked(query_total, plan_d)
+            parts += [kvg(head_d, lora_d, xb, state, plan_d, ("kv", b, t)) for t, xb in enumerate(row)]
+            cover += [("kv", b, t) for t in range(len(row))]
+    return tree_reduce(parts), cover
+
+
 def _pack(total: Part, lora: LoRA, sh: Shards, xp) -> dict:
     return {t: AdapterGrad(B=total.values[t + ".B"], A=total.values[t + ".A"]) for t in lora.targets}
 
@@ -210,13 +233,20 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
                        d_v=head.d_v, backend_name=name, degree=degree, tol=tol, causal=causal, family=family,
                        targets=lora.targets)
 
+    if lay.mode == "tokens" and causal and p.method == "poly":
+        if method == "poly":
+            raise ValueError("token-sharded causal poly is not available yet: use method='exact', or whole "
+                             "sequences per block (mode='batch')")
+        p = dataclasses.replace(p, method="exact", choice=None, compute_dtype=None,
+                                note=p.note + "; token-sharded causal poly not available: ran exact")
+
     def run(_, p):
         if lay.mode == "batch":
             graph, cover = _batch_total(sh, lay, head_d, lora_d, p, causal)
         elif p.method == "exact":
             graph, cover = _tokens_exact_total(sh, head_d, lora_d, causal)
         else:
-            raise NotImplementedError("token-sharded poly")
+            graph, cover = _tokens_poly_total(sh, head_d, lora_d, p, lora.targets)
         return check_cover(_compute(client, graph), cover)
 
     p, total = _with_fallback(run, None, p, method)

@@ -15,6 +15,7 @@ from ..adapters import Problem, adapter_grads, prepare
 from ..exact.attention import query_rows_loss_and_grads
 from ..grad import _run
 from ..model import Head, LoRA
+from ..poly import chain
 from .parts import Part
 
 __all__ = [
@@ -128,12 +129,68 @@ def without_rows(part: Part) -> Part:
 
 def key_value_grads_part(head: Head, lora: LoRA, x, rows: dict, cover) -> Part:
     """``k`` and ``v`` adapter gradients of one token block from its rows of the reduced ``dK``, ``dV``."""
-    sub = {t: lora.adapters[t] for t in ("k", "v") if t in lora.adapters}
-    if not sub:
+    lo = _key_value_lora(lora)
+    if lo is None:
         return Part(frozenset([cover]), {})
-    lo = LoRA(sub, alpha=lora.alpha)
     prob = prepare(head, lo, x)
-    return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in sub}))
+    return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in lo.targets}))
+
+
+def _key_value_lora(lora: LoRA):
+    sub = {t: lora.adapters[t] for t in ("k", "v") if t in lora.adapters}
+    return LoRA(sub, alpha=lora.alpha) if sub else None
+
+
+def key_state_part(head: Head, lora: LoRA, x, plan, cover) -> Part:
+    """Token-sharded poly, pass 1: the key states of one token block (:func:`gpulora.poly.chain.key_pass`),
+    ``k (1 + d_v [+ d_head + d_v d_head])`` numbers per (batch member, head), whatever the block's length."""
+    prob = prepare(head, lora, x)
+    keys = chain.key_pass(prob.k, prob.v, plan.choice, need=lora.targets, compute_dtype=plan.compute_dtype)
+    return Part(frozenset([cover]), {"keys": keys})
+
+
+def query_state_part(head: Head, lora: LoRA, x, y, keys: Part, plan, cover) -> Part:
+    """Token-sharded poly, pass 2: with the key states summed over the whole sequence, the block's ``q``
+    adapter gradients (its ``dQ`` rows are complete) and its query states
+    (:func:`gpulora.poly.chain.query_pass`: ``U^T G``, ``U^T (r Q)``, ``T_Q``, the loss, the normaliser
+    ratio). Also checks the rounding of the features at the block's own extreme rows."""
+    prob = prepare(head, lora, x, y)
+    xp, dtype = prob.xp, plan.compute_dtype
+    chain.check_extreme_pairs(prob.beta * xp.astype(prob.q, dtype, copy=False),
+                              xp.astype(prob.k, dtype, copy=False), plan.choice)
+    need = lora.targets
+    rows, state = chain.query_pass(prob.q, keys.values["keys"], prob.beta, plan.choice, y=prob.y,
+                                   softmax_one=prob.softmax_one, need=need)
+    values = {"queries": state}
+    if "q" in need:
+        values.update(_grad_values(_only(lora, "q"), prob, {"q": rows["dq"]}))
+    return Part(frozenset([cover]), values)
+
+
+def checked_query_states(part: Part, plan):
+    """The summed query states of ``part``, after the normaliser check over the whole sequence
+    (:func:`gpulora.poly.chain.check_normaliser_ratio`; raises ``PolynomialFailure`` before any key
+    gradient is computed). Only these states are broadcast to pass 3."""
+    state = part.values["queries"]
+    chain.check_normaliser_ratio(state.worst, plan.choice)
+    return state
+
+
+def loss_of_queries(part: Part, plan) -> Part:
+    """``part`` with its summed query states replaced by the loss they carry, after the normaliser check."""
+    checked_query_states(part, plan)
+    values = {n: a for n, a in part.values.items() if n != "queries"}
+    values["loss"] = part.values["queries"].loss
+    return Part(part.cover, values)
+
+
+def poly_key_grads_part(head: Head, lora: LoRA, x, queries, plan, cover) -> Part:
+    """Token-sharded poly, pass 3: the ``k``, ``v`` adapter gradients of one token block from its ``dK``,
+    ``dV`` rows (:func:`gpulora.poly.chain.key_grad_pass` with the summed query states)."""
+    lo = _key_value_lora(lora)
+    prob = prepare(head, lora, x)
+    rows = chain.key_grad_pass(prob.k, prob.v, queries, prob.beta, plan.choice, need=lo.targets)
+    return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in lo.targets}))
 
 
 def _only(lora: LoRA, target: str) -> LoRA:
