@@ -35,7 +35,7 @@ from ..grad import _check_options, _with_fallback, plan_for_bound
 from ..model import AdapterGrad, GradResult, Head, LoRA
 from . import tasks
 from .parts import Part, check_cover, combine, tree_reduce
-from .shards import Shards, split
+from .shards import Shards, place, split
 
 __all__ = ["MODES", "lora_grad"]
 
@@ -88,6 +88,18 @@ def choose_layout(sh: Shards, H: int, mode: str, heads_per_task) -> Layout:
     return Layout("batch", groups, why)
 
 
+def _resolve_client(client):
+    """``client``, else the default ``distributed`` client if there is one, else None (local threads)."""
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
 def _compute(client, obj):
     import dask
 
@@ -96,11 +108,11 @@ def _compute(client, obj):
     return dask.compute(obj, scheduler=client)[0]
 
 
-def _bound(sh: Shards, head_d, lora_d, beta, client) -> float:
+def _bound(blocks, head_d, lora_d, beta, client) -> float:
     import dask
 
     fn = dask.delayed(tasks.row_norm_maxima, pure=False)
-    maxima = _compute(client, [[fn(head_d, lora_d, xb) for xb in row] for row in sh.x])
+    maxima = _compute(client, [[fn(head_d, lora_d, xy) for xy in row] for row in blocks])
     best = 0.0
     for row in maxima:
         qn = tasks.max_over(m[0] for m in row)
@@ -109,20 +121,20 @@ def _bound(sh: Shards, head_d, lora_d, beta, client) -> float:
     return beta * float(np.sqrt(best))
 
 
-def _batch_total(sh: Shards, lay: Layout, head_d, lora_d, plan, causal):
+def _batch_total(blocks, lay: Layout, head_d, lora_d, plan, causal):
     import dask
 
     fn = dask.delayed(tasks.batch_part, pure=False)
     parts, cover = [], []
-    for b, row in enumerate(sh.x):
+    for b, row in enumerate(blocks):
         for g in lay.heads:
             heads = None if len(lay.heads) == 1 else g
-            parts.append(fn(head_d, lora_d, row[0], sh.y[b][0], plan, causal, (b, g), heads))
+            parts.append(fn(head_d, lora_d, row[0], plan, causal, (b, g), heads))
             cover.append((b, g))
     return tree_reduce(parts), cover
 
 
-def _tokens_exact_total(sh: Shards, head_d, lora_d, causal):
+def _tokens_exact_total(sh: Shards, blocks, head_d, lora_d, causal):
     import dask
 
     kv = dask.delayed(tasks.key_values, pure=False)
@@ -133,19 +145,18 @@ def _tokens_exact_total(sh: Shards, head_d, lora_d, causal):
     kvg = dask.delayed(tasks.key_value_grads_part, pure=False)
     offsets, sizes = sh.token_offsets, sh.token_sizes
     parts, cover = [], []
-    for b, row in enumerate(sh.x):
-        whole = cat(*[kv(head_d, lora_d, xb) for xb in row])  # one key whose data each task receives once
-        per_row = [rows(head_d, lora_d, xb, sh.y[b][t], whole, offsets[t], causal, (b, t))
-                   for t, xb in enumerate(row)]
+    for b, row in enumerate(blocks):
+        whole = cat(*[kv(head_d, lora_d, xy) for xy in row])  # one key whose data each task receives once
+        per_row = [rows(head_d, lora_d, xy, whole, offsets[t], causal, (b, t)) for t, xy in enumerate(row)]
         summed = tree_reduce(per_row)
         parts.append(strip(summed))
-        for t, xb in enumerate(row):
-            parts.append(kvg(head_d, lora_d, xb, take(summed, offsets[t], sizes[t]), ("kv", b, t)))
+        for t, xy in enumerate(row):
+            parts.append(kvg(head_d, lora_d, xy, take(summed, offsets[t], sizes[t]), ("kv", b, t)))
             cover += [(b, t), ("kv", b, t)]
     return tree_reduce(parts), cover
 
 
-def _tokens_poly_total(sh: Shards, head_d, lora_d, plan, targets):
+def _tokens_poly_total(blocks, head_d, lora_d, plan, targets):
     import dask
 
     keys = dask.delayed(tasks.key_state_part, pure=False)
@@ -155,17 +166,58 @@ def _tokens_poly_total(sh: Shards, head_d, lora_d, plan, targets):
     kvg = dask.delayed(tasks.poly_key_grads_part, pure=False)
     plan_d = dask.delayed(plan, name=f"gpulora-plan-{uuid.uuid4().hex[:8]}")
     parts, cover = [], []
-    for b, row in enumerate(sh.x):
-        key_total = tree_reduce([keys(head_d, lora_d, xb, plan_d, (b, t)) for t, xb in enumerate(row)])
-        query_total = tree_reduce([queries(head_d, lora_d, xb, sh.y[b][t], key_total, plan_d, (b, t))
-                                   for t, xb in enumerate(row)])
+    for b, row in enumerate(blocks):
+        key_total = tree_reduce([keys(head_d, lora_d, xy, plan_d, (b, t)) for t, xy in enumerate(row)])
+        query_total = tree_reduce([queries(head_d, lora_d, xy, key_total, plan_d, (b, t))
+                                   for t, xy in enumerate(row)])
         parts.append(loss(query_total, plan_d))
         cover += [(b, t) for t in range(len(row))]
         if {"k", "v"} & set(targets):
             state = checked(query_total, plan_d)
-            parts += [kvg(head_d, lora_d, xb, state, plan_d, ("kv", b, t)) for t, xb in enumerate(row)]
+            parts += [kvg(head_d, lora_d, xy, state, plan_d, ("kv", b, t)) for t, xy in enumerate(row)]
             cover += [("kv", b, t) for t in range(len(row))]
     return tree_reduce(parts), cover
+
+
+def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol, causal, family):
+    """Place the blocks, decide the plan from the whole call's bound, run the mode: ``(plan, total)``."""
+    import dask
+
+    tag = uuid.uuid4().hex[:8]
+    head_d = dask.delayed(head, name=f"gpulora-head-{tag}")
+    lora_d = dask.delayed(lora, name=f"gpulora-lora-{tag}")
+    blocks = place(sh, client)
+    bound = _bound(blocks, head_d, lora_d, head.beta, client)
+    name = "cupy" if backend.is_cupy(sh.sample) else "numpy"
+    p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
+                       d_v=head.d_v, backend_name=name, degree=degree, tol=tol, causal=causal, family=family,
+                       targets=lora.targets)
+    if lay.mode == "tokens" and causal and p.method == "poly":
+        if method == "poly":
+            raise ValueError("token-sharded causal poly is not available yet: use method='exact', or whole "
+                             "sequences per block (mode='batch')")
+        p = dataclasses.replace(p, method="exact", choice=None, compute_dtype=None,
+                                note=p.note + "; token-sharded causal poly not available: ran exact")
+
+    def run(_, p):
+        if lay.mode == "batch":
+            graph, cover = _batch_total(blocks, lay, head_d, lora_d, p, causal)
+        elif p.method == "exact":
+            graph, cover = _tokens_exact_total(sh, blocks, head_d, lora_d, causal)
+        else:
+            graph, cover = _tokens_poly_total(blocks, head_d, lora_d, p, lora.targets)
+        return check_cover(_compute(client, graph), cover)
+
+    return _with_fallback(run, None, p, method)
+
+
+def _lost_inputs(err, sh: Shards, client) -> bool:
+    """Whether ``err`` is the loss of scattered input blocks (no lineage to recompute them from)."""
+    if client is None or not sh.blocks or not isinstance(sh.blocks[0][0], tuple):
+        return False
+    from distributed.client import FutureCancelledError
+
+    return isinstance(err, FutureCancelledError)
 
 
 def _pack(total: Part, lora: LoRA, sh: Shards, xp) -> dict:
@@ -224,38 +276,25 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
 
     sh = split(x, y, chunks, head.d_model, head.heads * head.d_v)
     lay = choose_layout(sh, head.heads, mode, heads_per_task)
-    tag = uuid.uuid4().hex[:8]
-    head_d = dask.delayed(head, name=f"gpulora-head-{tag}")
-    lora_d = dask.delayed(lora, name=f"gpulora-lora-{tag}")
-    bound = _bound(sh, head_d, lora_d, head.beta, client)
-    name = "cupy" if backend.is_cupy(sh.sample) else "numpy"
-    p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
-                       d_v=head.d_v, backend_name=name, degree=degree, tol=tol, causal=causal, family=family,
-                       targets=lora.targets)
-
-    if lay.mode == "tokens" and causal and p.method == "poly":
-        if method == "poly":
-            raise ValueError("token-sharded causal poly is not available yet: use method='exact', or whole "
-                             "sequences per block (mode='batch')")
-        p = dataclasses.replace(p, method="exact", choice=None, compute_dtype=None,
-                                note=p.note + "; token-sharded causal poly not available: ran exact")
-
-    def run(_, p):
-        if lay.mode == "batch":
-            graph, cover = _batch_total(sh, lay, head_d, lora_d, p, causal)
-        elif p.method == "exact":
-            graph, cover = _tokens_exact_total(sh, head_d, lora_d, causal)
-        else:
-            graph, cover = _tokens_poly_total(sh, head_d, lora_d, p, lora.targets)
-        return check_cover(_compute(client, graph), cover)
-
-    p, total = _with_fallback(run, None, p, method)
+    client = _resolve_client(client)
+    opts = dict(method=method, degree=degree, tol=tol, causal=causal, family=family)
+    retried = ""
+    try:
+        p, total = _attempt(head, lora, sh, lay, client, **opts)
+    except Exception as err:
+        if not _lost_inputs(err, sh, client):
+            raise
+        # scattered NumPy/CuPy blocks have no lineage: a worker that died took its shards with it
+        retried = f"; retried once: {type(err).__name__} (input blocks lost with a worker)"
+        log.warning("gpulora.distributed: input blocks lost with a worker (%r); scattering again", err)
+        p, total = _attempt(head, lora, sh, lay, client, **opts)
     xp = backend.namespace(sh.sample)
     note = f"distributed {lay.mode}{'-' + p.method if lay.mode == 'tokens' else ''}: {lay.why}"
     if sh.rechunked:
         note += "; " + "; ".join(sh.rechunked)
     if p.note:
         note += "; " + p.note
+    note += retried
     log.info(note)
     poly = p.method == "poly"
     return GradResult(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["Part", "check_cover", "combine", "tree_reduce"]
+__all__ = ["Part", "check_cover", "combine", "nbytes", "tree_reduce"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,31 @@ class Part:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays (what moves when this part is sent to another worker)."""
-        return sum(int(getattr(a, "nbytes", 0)) for a in self.values.values())
+        return sum(nbytes(a) for a in self.values.values())
+
+
+def nbytes(obj) -> int:
+    """Bytes of the arrays in ``obj``: an array, a dataclass of arrays (the chain's states) or a Part.
+
+    Registered with ``dask.sizeof``, so the scheduler's placement and the workers' transfer logs count
+    the real size of what the distributed modes ship.
+    """
+    if hasattr(obj, "nbytes"):
+        return int(obj.nbytes)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(nbytes(a) for a in obj.values())
+    return 0
+
+
+def _register_sizeof():
+    from dask.sizeof import sizeof
+
+    from ..poly.chain import KeyState, QueryState
+
+    for cls in (Part, KeyState, QueryState):
+        sizeof.register(cls)(nbytes)
 
 
 def combine(*parts: Part) -> Part:
@@ -60,3 +84,6 @@ def tree_reduce(parts: list, fan_in: int = 2):
         level = [add(*level[i:i + fan_in]) if len(level[i:i + fan_in]) > 1 else level[i]
                  for i in range(0, len(level), fan_in)]
     return level[0]
+
+
+_register_sizeof()

@@ -13,16 +13,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["Shards", "split"]
+__all__ = ["Shards", "place", "split"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Shards:
-    """The blocks of one call: ``x[b][t]`` and ``y[b][t]`` (dask ``Delayed`` objects) of 3-D blocks
-    ``(batch_b, tokens_t, d_model)`` / ``(batch_b, tokens_t, H d_v)``."""
+    """The blocks of one call: ``blocks[b][t]`` is the pair ``(x, y)`` of 3-D blocks
+    ``(batch_b, tokens_t, d_model)`` and ``(batch_b, tokens_t, H d_v)`` (``y`` None without targets): a dask
+    ``Delayed`` for dask input, a tuple of NumPy/CuPy slices (views) otherwise (see :func:`place`)."""
 
-    x: list  # [n_batch_blocks][n_token_blocks] of Delayed
-    y: list | None
+    blocks: list  # [n_batch_blocks][n_token_blocks]
     batch_sizes: tuple[int, ...]
     token_sizes: tuple[int, ...]
     batched: bool
@@ -146,28 +146,50 @@ def split(x, y, chunks, d_model: int, d_y: int) -> Shards:
         sample = x[(0,) * (x.ndim - 1)][:0]
         if not batched:
             x, y, lead = x[None], None if y is None else y[None], ((1,),) + lead
-        xb, yb = _slice_blocks(x, lead), None if y is None else _slice_blocks(y, lead)
-        return Shards(xb, yb, lead[0], lead[1], batched, d_model, x.dtype, sample, ())
+        return Shards(_slice_blocks(x, y, lead), lead[0], lead[1], batched, d_model, x.dtype, sample, ())
     if not batched:
         x = x[None]
         y = None if y is None else y[None]
         lead = ((1,),) + tuple(lead)
-    xb = x.to_delayed()[..., 0].tolist()
-    yb = None if y is None else y.to_delayed()[..., 0].tolist()
-    return Shards(xb, yb, tuple(lead[0]), tuple(lead[1]), batched, d_model, x.dtype, sample, tuple(rechunked))
-
-
-def _slice_blocks(a, lead):
-    """Blocks of a NumPy/CuPy array, cut on the caller's side: each becomes its own graph literal, so a
-    worker receives only its shard (never the whole array)."""
     import dask
 
+    xb = x.to_delayed()[..., 0]
+    yb = None if y is None else y.to_delayed()[..., 0]
+    pair = dask.delayed(_pair, pure=True)
+    blocks = [[pair(xb[b, t], None if yb is None else yb[b, t]) for t in range(xb.shape[1])]
+              for b in range(xb.shape[0])]
+    return Shards(blocks, tuple(lead[0]), tuple(lead[1]), batched, d_model, x.dtype, sample, tuple(rechunked))
+
+
+def _pair(x, y):
+    return x, y
+
+
+def _slice_blocks(x, y, lead):
+    """``[b][t]`` pairs of views of ``x`` and ``y`` (cut on the caller's side)."""
     out, b0 = [], 0
     for nb in lead[0]:
         row, t0 = [], 0
         for nt in lead[1]:
-            row.append(dask.delayed(a[b0:b0 + nb, t0:t0 + nt], pure=False))
+            sl = (slice(b0, b0 + nb), slice(t0, t0 + nt))
+            row.append((x[sl], None if y is None else y[sl]))
             t0 += nt
         out.append(row)
         b0 += nb
     return out
+
+
+def place(sh: Shards, client) -> list:
+    """The blocks as graph inputs: NumPy/CuPy pairs scattered to the workers of ``client`` (each shard's
+    ``x`` and ``y`` together on one worker, the shards spread over the workers, and nothing of them in the
+    task graph), or wrapped as dask literals for the local scheduler; dask input as it is."""
+    import dask
+
+    flat = [pair for row in sh.blocks for pair in row]
+    if flat and isinstance(flat[0], tuple):
+        if client is not None:
+            flat = client.scatter(flat, hash=False)
+        else:
+            flat = [dask.delayed(pair, pure=False) for pair in flat]
+    n = len(sh.token_sizes)
+    return [flat[i:i + n] for i in range(0, len(flat), n)]

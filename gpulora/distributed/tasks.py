@@ -29,13 +29,13 @@ __all__ = [
 ]
 
 
-def row_norm_maxima(head: Head, lora: LoRA, x):
+def row_norm_maxima(head: Head, lora: LoRA, xy):
     """``(max_i |q_i|^2, max_j |k_j|^2)`` per (batch member, head) of the block ``x``: NumPy ``(b, H)`` each.
 
     The bound of the whole call, ``M = beta max_(b,h) sqrt(max_i |q_i|^2 max_j |k_j|^2)``, is the max over
     token blocks of these, then the product: the same number :func:`gpulora.poly.chain.score_bound` gives.
     """
-    prob = prepare(head, lora, x)
+    prob = prepare(head, lora, xy[0])
     xp = prob.xp
     qn = xp.max(xp.sum(prob.q * prob.q, axis=-1), axis=-1)
     kn = xp.max(xp.sum(prob.k * prob.k, axis=-1), axis=-1)
@@ -70,11 +70,12 @@ def _grad_values(lora: LoRA, prob: Problem, d_proj: dict, cols=None, widths=None
     return out
 
 
-def batch_part(head: Head, lora: LoRA, x, y, plan, causal: bool, cover, heads=None) -> Part:
+def batch_part(head: Head, lora: LoRA, xy, plan, causal: bool, cover, heads=None) -> Part:
     """Loss and adapter gradients of whole sequences ``x (b, L, d_model)``, with the call's ``plan``
     (same method, polynomial and compute dtype as a single-process call), for all heads or the heads
     ``h0 .. h1 - 1`` given in ``heads``. Cost: that of :func:`gpulora.lora_grad` on the block."""
     cols = widths = None
+    x, y = xy
     if heads is not None:
         widths = {t: head.weight(t).shape[1] for t in lora.targets}
         head, lora, cols = head_group(head, lora, *heads)
@@ -92,19 +93,19 @@ def concat_kv(*blocks):
     return tuple(xp.concat([kv[i] for kv in blocks], axis=-2) for i in (0, 1))
 
 
-def key_values(head: Head, lora: LoRA, x):
+def key_values(head: Head, lora: LoRA, xy):
     """``(k, v)`` of a token block, in head layout ``(b, H, L_t, d)``."""
-    prob = prepare(head, lora, x)
+    prob = prepare(head, lora, xy[0])
     return prob.k, prob.v
 
 
-def exact_rows_part(head: Head, lora: LoRA, x, y, kv, row0: int, causal: bool, cover) -> Part:
+def exact_rows_part(head: Head, lora: LoRA, xy, kv, row0: int, causal: bool, cover) -> Part:
     """Token-sharded exact: the query rows of one shard against all keys ``kv = (K, V)``.
 
     Returns the shard's loss, its ``q`` adapter gradients (complete for its rows), and partial ``dK``,
     ``dV`` over the whole sequence (``"dk"``, ``"dv"``), to be summed over the shards of the sequence.
     """
-    prob = prepare(head, lora, x, y)
+    prob = prepare(head, lora, *xy)
     need = lora.targets
     loss, dq, dk, dv = query_rows_loss_and_grads(prob.q, kv[0], kv[1], prob.y, prob.beta, row0=row0,
                                                  causal=causal, softmax_one=prob.softmax_one, need=need)
@@ -127,12 +128,12 @@ def without_rows(part: Part) -> Part:
     return Part(part.cover, {n: a for n, a in part.values.items() if n not in ("dk", "dv")})
 
 
-def key_value_grads_part(head: Head, lora: LoRA, x, rows: dict, cover) -> Part:
+def key_value_grads_part(head: Head, lora: LoRA, xy, rows: dict, cover) -> Part:
     """``k`` and ``v`` adapter gradients of one token block from its rows of the reduced ``dK``, ``dV``."""
     lo = _key_value_lora(lora)
     if lo is None:
         return Part(frozenset([cover]), {})
-    prob = prepare(head, lo, x)
+    prob = prepare(head, lo, xy[0])
     return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in lo.targets}))
 
 
@@ -141,20 +142,20 @@ def _key_value_lora(lora: LoRA):
     return LoRA(sub, alpha=lora.alpha) if sub else None
 
 
-def key_state_part(head: Head, lora: LoRA, x, plan, cover) -> Part:
+def key_state_part(head: Head, lora: LoRA, xy, plan, cover) -> Part:
     """Token-sharded poly, pass 1: the key states of one token block (:func:`gpulora.poly.chain.key_pass`),
     ``k (1 + d_v [+ d_head + d_v d_head])`` numbers per (batch member, head), whatever the block's length."""
-    prob = prepare(head, lora, x)
+    prob = prepare(head, lora, xy[0])
     keys = chain.key_pass(prob.k, prob.v, plan.choice, need=lora.targets, compute_dtype=plan.compute_dtype)
     return Part(frozenset([cover]), {"keys": keys})
 
 
-def query_state_part(head: Head, lora: LoRA, x, y, keys: Part, plan, cover) -> Part:
+def query_state_part(head: Head, lora: LoRA, xy, keys: Part, plan, cover) -> Part:
     """Token-sharded poly, pass 2: with the key states summed over the whole sequence, the block's ``q``
     adapter gradients (its ``dQ`` rows are complete) and its query states
     (:func:`gpulora.poly.chain.query_pass`: ``U^T G``, ``U^T (r Q)``, ``T_Q``, the loss, the normaliser
     ratio). Also checks the rounding of the features at the block's own extreme rows."""
-    prob = prepare(head, lora, x, y)
+    prob = prepare(head, lora, *xy)
     xp, dtype = prob.xp, plan.compute_dtype
     chain.check_extreme_pairs(prob.beta * xp.astype(prob.q, dtype, copy=False),
                               xp.astype(prob.k, dtype, copy=False), plan.choice)
@@ -184,11 +185,11 @@ def loss_of_queries(part: Part, plan) -> Part:
     return Part(part.cover, values)
 
 
-def poly_key_grads_part(head: Head, lora: LoRA, x, queries, plan, cover) -> Part:
+def poly_key_grads_part(head: Head, lora: LoRA, xy, queries, plan, cover) -> Part:
     """Token-sharded poly, pass 3: the ``k``, ``v`` adapter gradients of one token block from its ``dK``,
     ``dV`` rows (:func:`gpulora.poly.chain.key_grad_pass` with the summed query states)."""
     lo = _key_value_lora(lora)
-    prob = prepare(head, lora, x)
+    prob = prepare(head, lora, xy[0])
     rows = chain.key_grad_pass(prob.k, prob.v, queries, prob.beta, plan.choice, need=lo.targets)
     return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in lo.targets}))
 
