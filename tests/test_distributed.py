@@ -21,6 +21,7 @@ distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 gd = pytest.importorskip("gpulora.distributed")
 from gpulora.distributed.parts import Part, check_cover, combine  # noqa: E402
+from gpulora.poly.causal import chunk_size  # noqa: E402
 
 RTOL = 1e-12
 
@@ -60,7 +61,7 @@ LAYOUTS = [
     ("batch", (1, None), None),
     ("batch", ((2, 1), None), 1),
     ("batch", (None, None), 1),
-    ("tokens", (None, 16), None),  # 16, 16, 13: unequal
+    ("tokens", (None, 20), None),  # 20, 20, 5: unequal, and boundaries inside the causal chunks of 16
     ("tokens", ((1, 2), (7, 38)), None),
 ]
 IDS = ["{}-{}-h{}".format(*c).replace(" ", "") for c in LAYOUTS]
@@ -77,14 +78,19 @@ def test_mode_equals_single_process(client, layout, causal, method):
                        heads_per_task=hpt)
     assert res.note.startswith(f"distributed {mode}")
     _assert_same(res, ref)
+    if mode == "tokens" and method == "poly" and causal:
+        c = chunk_size(PROBLEM["L"], res.features, PROBLEM["d_head"], PROBLEM["d_v"])
+        sizes = chunks[1] if isinstance(chunks[1], tuple) else (chunks[1],) * (PROBLEM["L"] // chunks[1])
+        assert any(o % c for o in np.cumsum(sizes)[:-1]), "no shard boundary splits a causal chunk"
 
 
+@pytest.mark.parametrize("method", ["exact", "poly"])
 @pytest.mark.parametrize("targets", ["q", "v", "k"])
-def test_single_targets_and_unbatched_x(client, targets):
+def test_single_targets_and_unbatched_x(client, targets, method):
     """2-D ``x`` split over tokens, one adapted target (only its gradients computed and reduced)."""
     p = make_problem(5, L=40, d_model=8, d_head=4, r=3, targets=targets, score_bound=0.5)
-    ref = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="exact", causal=True)
-    res = gd.lora_grad(p.head, p.lora, p.x, p.y, client=client, method="exact", causal=True, chunks=((9, 31),))
+    ref = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method=method, causal=True)
+    res = gd.lora_grad(p.head, p.lora, p.x, p.y, client=client, method=method, causal=True, chunks=((9, 31),))
     _assert_same(res, ref)
 
 

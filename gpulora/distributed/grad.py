@@ -179,6 +179,42 @@ def _tokens_poly_total(blocks, head_d, lora_d, plan, targets):
     return tree_reduce(parts), cover
 
 
+def _scan(parts: list, reverse=False) -> list:
+    """Exclusive prefix (or suffix) sums of the ``Delayed`` parts: ``[None, p0, p0 + p1, ...]``, each a
+    :func:`combine` of the previous sum and one part (``n - 2`` state-sized adds in sequence)."""
+    import dask
+
+    add = dask.delayed(combine, pure=True)
+    seq = parts[::-1] if reverse else parts
+    out, acc = [None], None
+    for part in seq[:-1]:
+        acc = part if acc is None else add(acc, part)
+        out.append(acc)
+    return out[::-1] if reverse else out
+
+
+def _tokens_causal_poly_total(blocks, head_d, lora_d, plan, targets):
+    import dask
+
+    keys = dask.delayed(tasks.key_state_part, pure=False)
+    shard = dask.delayed(tasks.causal_shard, pure=False)
+    item = dask.delayed(tasks.item, pure=False)
+    kvg = dask.delayed(tasks.causal_key_grads_part, pure=False)
+    plan_d = dask.delayed(plan, name=f"gpulora-plan-{uuid.uuid4().hex[:8]}")
+    parts, cover = [], []
+    for b, row in enumerate(blocks):
+        prefixes = _scan([keys(head_d, lora_d, xy, plan_d, (b, t)) for t, xy in enumerate(row)])
+        out = [shard(head_d, lora_d, xy, prefixes[t], plan_d, (b, t)) for t, xy in enumerate(row)]
+        parts += [item(o, "part") for o in out]
+        cover += [(b, t) for t in range(len(row))]
+        if {"k", "v"} & set(targets):
+            suffixes = _scan([item(o, "queries") for o in out], reverse=True)
+            parts += [kvg(head_d, lora_d, xy, out[t], suffixes[t], plan_d, ("kv", b, t))
+                      for t, xy in enumerate(row)]
+            cover += [("kv", b, t) for t in range(len(row))]
+    return tree_reduce(parts), cover
+
+
 def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol, causal, family):
     """Place the blocks, decide the plan from the whole call's bound, run the mode: ``(plan, total)``."""
     import dask
@@ -192,18 +228,14 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
     p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
                        d_v=head.d_v, backend_name=name, degree=degree, tol=tol, causal=causal, family=family,
                        targets=lora.targets)
-    if lay.mode == "tokens" and causal and p.method == "poly":
-        if method == "poly":
-            raise ValueError("token-sharded causal poly is not available yet: use method='exact', or whole "
-                             "sequences per block (mode='batch')")
-        p = dataclasses.replace(p, method="exact", choice=None, compute_dtype=None,
-                                note=p.note + "; token-sharded causal poly not available: ran exact")
 
     def run(_, p):
         if lay.mode == "batch":
             graph, cover = _batch_total(blocks, lay, head_d, lora_d, p, causal)
         elif p.method == "exact":
             graph, cover = _tokens_exact_total(sh, blocks, head_d, lora_d, causal)
+        elif causal:
+            graph, cover = _tokens_causal_poly_total(blocks, head_d, lora_d, p, lora.targets)
         else:
             graph, cover = _tokens_poly_total(blocks, head_d, lora_d, p, lora.targets)
         return check_cover(_compute(client, graph), cover)
@@ -289,7 +321,8 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
         log.warning("gpulora.distributed: input blocks lost with a worker (%r); scattering again", err)
         p, total = _attempt(head, lora, sh, lay, client, **opts)
     xp = backend.namespace(sh.sample)
-    note = f"distributed {lay.mode}{'-' + p.method if lay.mode == 'tokens' else ''}: {lay.why}"
+    kind = lay.mode if lay.mode == "batch" else f"tokens-{p.method}{'-causal' if causal else ''}"
+    note = f"distributed {kind}: {lay.why}"
     if sh.rechunked:
         note += "; " + "; ".join(sh.rechunked)
     if p.note:

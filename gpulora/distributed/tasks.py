@@ -15,6 +15,7 @@ from ..adapters import Problem, adapter_grads, prepare
 from ..exact.attention import query_rows_loss_and_grads
 from ..grad import _run
 from ..model import Head, LoRA
+from ..poly import causal as causal_chain
 from ..poly import chain
 from .parts import Part
 
@@ -192,6 +193,47 @@ def poly_key_grads_part(head: Head, lora: LoRA, xy, queries, plan, cover) -> Par
     prob = prepare(head, lora, xy[0])
     rows = chain.key_grad_pass(prob.k, prob.v, queries, prob.beta, plan.choice, need=lo.targets)
     return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in lo.targets}))
+
+
+def causal_shard(head: Head, lora: LoRA, xy, prefix: Part | None, plan, cover) -> dict:
+    """Token-sharded causal poly, pass 2: the chunked causal chain on one token block, carrying in the
+    ``prefix`` key states of every earlier block (:func:`gpulora.poly.causal.chunked_loss_and_grads`).
+
+    Returns a dict: ``"part"``, the block's loss and ``q`` adapter gradients (its ``dQ`` rows are
+    complete); ``"rows"``, its ``dK``, ``dV`` rows without the later blocks' queries (they stay on this
+    worker for :func:`causal_key_grads_part`); ``"queries"``, a Part with the block's own query states
+    (the suffix of the earlier blocks). Raises ``PolynomialFailure`` from the block's run-time checks.
+    """
+    prob = prepare(head, lora, *xy)
+    need = lora.targets
+    keys = None if prefix is None else prefix.values["keys"]
+    loss, dq, dk, dv, (_, queries) = causal_chain.chunked_loss_and_grads(
+        prob.q, prob.k, prob.v, prob.y, prob.beta, plan.choice, plan.compute_dtype, softmax_one=prob.softmax_one,
+        need=need, prefix=keys, return_states=True)
+    values = {"loss": loss}
+    if "q" in need:
+        values.update(_grad_values(_only(lora, "q"), prob, {"q": dq}))
+    return {"part": Part(frozenset([cover]), values), "rows": {"dk": dk, "dv": dv},
+            "queries": Part(frozenset([cover]), {"queries": queries})}
+
+
+def item(d: dict, name: str):
+    """``d[name]``: a task, so that only that entry of a task's result moves to another worker."""
+    return d[name]
+
+
+def causal_key_grads_part(head: Head, lora: LoRA, xy, shard: dict, suffix: Part | None, plan, cover) -> Part:
+    """Token-sharded causal poly, pass 3: the block's ``dK``, ``dV`` rows completed with the query states of
+    every later block (``suffix``; their queries see all of this block's keys: the non-causal
+    :func:`gpulora.poly.chain.key_grad_pass`), then the ``k``, ``v`` adapter gradients."""
+    lo = _key_value_lora(lora)
+    prob = prepare(head, lora, xy[0])
+    rows = {t: shard["rows"]["d" + t] for t in lo.targets}
+    if suffix is not None:
+        more = chain.key_grad_pass(prob.k, prob.v, suffix.values["queries"], prob.beta, plan.choice,
+                                   need=lo.targets)
+        rows = {t: rows[t] + more["d" + t] for t in lo.targets}
+    return Part(frozenset([cover]), _grad_values(lo, prob, rows))
 
 
 def _only(lora: LoRA, target: str) -> LoRA:
