@@ -212,3 +212,48 @@ def test_worker_killed_mid_run_gives_the_full_answer(client, kind):
     assert "err" not in out, out.get("err")
     _assert_same(out["res"], ref)
     assert ("retried once" in out["res"].note) == (kind == "numpy")
+
+
+@pytest.mark.parametrize("targets", ["qkv", "qv", "kv", "v"])
+def test_state_size_formula_is_what_the_passes_build(targets):
+    """``traffic.key_state_bytes`` / ``query_state_bytes`` equal the bytes of the states the chain's passes
+    return for one (batch member, head): the formula of docs/distributed.md is the real message size."""
+    from gpulora.adapters import prepare
+    from gpulora.distributed import traffic
+    from gpulora.distributed.parts import nbytes
+    from gpulora.poly import chain
+    from gpulora.poly.coefficients import choose
+
+    p = make_problem(21, L=30, d_model=8, d_head=4, d_v=3, r=2, targets=targets, score_bound=1.0)
+    prob = prepare(p.head, p.lora, p.x, p.y)
+    choice, dtype = choose(1.0, degree=2)
+    keys = chain.key_pass(prob.k, prob.v, choice, need=targets, compute_dtype=dtype)
+    _, queries = chain.query_pass(prob.q, keys, prob.beta, choice, y=prob.y, need=targets)
+    k = choice.features(4)
+    assert nbytes(keys) == traffic.key_state_bytes(k, 4, 3, 8, targets)
+    if set(targets) & {"k", "v"}:
+        assert nbytes(queries) == traffic.query_state_bytes(k, 4, 3, 8, targets)
+
+
+def test_study_schedule_adds_up_and_matches_the_docs(tmp_path):
+    """The simulated schedules spend exactly the cost model's flops at the given rates, the poly network
+    phases move the states, and docs/distributed.md quotes what the study prints."""
+    import pathlib
+
+    from gpulora import cost
+    from gpulora.distributed import study, traffic
+
+    L, d, P = 10**6, 16, 8
+    poly = study.poly_schedule(L, d, d, 2, P, rate=1e9)
+    s = study.summary(poly)
+    assert s["compute"] == pytest.approx(cost.poly_flops(L / P, d, d, 153) / 1e9, rel=1e-12)
+    assert s["bytes"] == 2 * (traffic.key_state_bytes(153, d, d, 4) + traffic.query_state_bytes(153, d, d, 4))
+    ring = study.ring_schedule(L, d, d, P, rate=1e9)
+    assert study.summary(ring)["compute"] == pytest.approx(cost.exact_flops(L, d, d) / P / 1e9, rel=1e-12)
+    assert study.summary(ring)["bytes"] == pytest.approx(traffic.ring_bytes_per_worker(L, d, d, 4, P), rel=1e-12)
+    out = tmp_path / "schedule.png"
+    text = study.main(["--out", str(out)])
+    assert out.stat().st_size > 10_000
+    docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    poly_s = next(line for line in text.splitlines() if line.startswith("| token-sharded poly")).split("|")[2]
+    assert f"{float(poly_s):.3g} s" in docs
