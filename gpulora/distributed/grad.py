@@ -109,9 +109,7 @@ def _compute(client, obj):
 
 
 def _bound(blocks, head_d, lora_d, beta, client) -> float:
-    import dask
-
-    fn = dask.delayed(tasks.row_norm_maxima, pure=False)
+    (fn,) = _tasks(tasks.row_norm_maxima)
     maxima = _compute(client, [[fn(head_d, lora_d, xy) for xy in row] for row in blocks])
     best = 0.0
     for row in maxima:
@@ -121,10 +119,15 @@ def _bound(blocks, head_d, lora_d, beta, client) -> float:
     return beta * float(np.sqrt(best))
 
 
-def _batch_total(blocks, lay: Layout, head_d, lora_d, plan, causal):
+def _tasks(*fns):
+    """Each of ``fns`` as a dask task constructor (``Delayed``; impure: every call is a new task)."""
     import dask
 
-    fn = dask.delayed(tasks.batch_part, pure=False)
+    return tuple(dask.delayed(fn, pure=False) for fn in fns)
+
+
+def _batch_total(blocks, lay: Layout, head_d, lora_d, plan, causal):
+    (fn,) = _tasks(tasks.batch_part)
     parts, cover = [], []
     for b, row in enumerate(blocks):
         for g in lay.heads:
@@ -135,14 +138,8 @@ def _batch_total(blocks, lay: Layout, head_d, lora_d, plan, causal):
 
 
 def _tokens_exact_total(sh: Shards, blocks, head_d, lora_d, causal):
-    import dask
-
-    kv = dask.delayed(tasks.key_values, pure=False)
-    cat = dask.delayed(tasks.concat_kv, pure=False)
-    rows = dask.delayed(tasks.exact_rows_part, pure=False)
-    take = dask.delayed(tasks.take_rows, pure=False)
-    strip = dask.delayed(tasks.without_rows, pure=False)
-    kvg = dask.delayed(tasks.key_value_grads_part, pure=False)
+    kv, cat, rows, take, strip, kvg = _tasks(tasks.key_values, tasks.concat_kv, tasks.exact_rows_part,
+                                             tasks.take_rows, tasks.without_rows, tasks.key_value_grads_part)
     offsets, sizes = sh.token_offsets, sh.token_sizes
     parts, cover = [], []
     for b, row in enumerate(blocks):
@@ -156,15 +153,10 @@ def _tokens_exact_total(sh: Shards, blocks, head_d, lora_d, causal):
     return tree_reduce(parts), cover
 
 
-def _tokens_poly_total(blocks, head_d, lora_d, plan, targets):
-    import dask
-
-    keys = dask.delayed(tasks.key_state_part, pure=False)
-    queries = dask.delayed(tasks.query_state_part, pure=False)
-    checked = dask.delayed(tasks.checked_query_states, pure=False)
-    loss = dask.delayed(tasks.loss_of_queries, pure=False)
-    kvg = dask.delayed(tasks.poly_key_grads_part, pure=False)
-    plan_d = dask.delayed(plan, name=f"gpulora-plan-{uuid.uuid4().hex[:8]}")
+def _tokens_poly_total(blocks, head_d, lora_d, plan_d, targets):
+    keys, queries, checked, loss, kvg = _tasks(tasks.key_state_part, tasks.query_state_part,
+                                               tasks.checked_query_states, tasks.loss_of_queries,
+                                               tasks.poly_key_grads_part)
     parts, cover = [], []
     for b, row in enumerate(blocks):
         key_total = tree_reduce([keys(head_d, lora_d, xy, plan_d, (b, t)) for t, xy in enumerate(row)])
@@ -193,14 +185,9 @@ def _scan(parts: list, reverse=False) -> list:
     return out[::-1] if reverse else out
 
 
-def _tokens_causal_poly_total(blocks, head_d, lora_d, plan, targets):
-    import dask
-
-    keys = dask.delayed(tasks.key_state_part, pure=False)
-    shard = dask.delayed(tasks.causal_shard, pure=False)
-    item = dask.delayed(tasks.item, pure=False)
-    kvg = dask.delayed(tasks.causal_key_grads_part, pure=False)
-    plan_d = dask.delayed(plan, name=f"gpulora-plan-{uuid.uuid4().hex[:8]}")
+def _tokens_causal_poly_total(blocks, head_d, lora_d, plan_d, targets):
+    keys, shard, item, kvg = _tasks(tasks.key_state_part, tasks.causal_shard, tasks.item,
+                                    tasks.causal_key_grads_part)
     parts, cover = [], []
     for b, row in enumerate(blocks):
         prefixes = _scan([keys(head_d, lora_d, xy, plan_d, (b, t)) for t, xy in enumerate(row)])
@@ -234,10 +221,10 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
             graph, cover = _batch_total(blocks, lay, head_d, lora_d, p, causal)
         elif p.method == "exact":
             graph, cover = _tokens_exact_total(sh, blocks, head_d, lora_d, causal)
-        elif causal:
-            graph, cover = _tokens_causal_poly_total(blocks, head_d, lora_d, p, lora.targets)
         else:
-            graph, cover = _tokens_poly_total(blocks, head_d, lora_d, p, lora.targets)
+            build = _tokens_causal_poly_total if causal else _tokens_poly_total
+            plan_d = dask.delayed(p, name=f"gpulora-plan-{tag}")
+            graph, cover = build(blocks, head_d, lora_d, plan_d, lora.targets)
         return check_cover(_compute(client, graph), cover)
 
     return _with_fallback(run, None, p, method)

@@ -129,52 +129,19 @@ def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("
         ``loss`` a 0-d array of ``q.dtype`` (summed over leading axes); each gradient shaped like its
         input, or ``None`` when not needed.
     """
-    xp = backend.namespace(q, k, v, y)
-    need = set(need)
-    L = q.shape[-2]
-    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k)
-    dq = backend.empty(q.shape, q.dtype, xp) if "q" in need else None
-    dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
-    dv = xp.zeros(v.shape, dtype=v.dtype) if "v" in need else None
-    loss = xp.zeros((), dtype=xp.float64)
-    for i0 in range(0, L, bq):
-        i1 = min(L, i0 + bq)
-        qb = q[..., i0:i1, :]
-        kv_end = _kv_end(L, i1, causal)
-        o, lse, f = _forward_rows(xp, qb, k, v, beta, i0, kv_end, bk, causal, softmax_one)
-        g = o - y[..., i0:i1, :]
-        loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
-        if not need:
-            continue
-        r = xp.sum(g * o, axis=-1, keepdims=True)
-        dqb = xp.zeros(qb.shape, dtype=q.dtype) if dq is not None else None
-        for j0 in range(0, kv_end, bk):
-            j1 = min(kv_end, j0 + bk)
-            kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
-            fb = f if f is not None else xp.exp(scores(xp, qb, kb, beta, i0, j0, causal) - lse)
-            if dv is not None:
-                dv[..., j0:j1, :] += fb.mT @ g
-            if dq is None and dk is None:
-                continue
-            # [lead, bq, bk]: dloss/dS on this block
-            p = fb * (g @ vb.mT - r)
-            if dqb is not None:
-                dqb += p @ kb
-            if dk is not None:
-                dk[..., j0:j1, :] += beta * (p.mT @ qb)
-        if dq is not None:
-            dq[..., i0:i1, :] = beta * dqb
-    return xp.astype(loss, q.dtype), dq, dk, dv
+    return query_rows_loss_and_grads(q, k, v, y, beta, row0=0, causal=causal, softmax_one=softmax_one, need=need,
+                                     block_q=block_q, block_k=block_k)
 
 
-def query_rows_loss_and_grads(qr, k, v, yr, beta, *, row0, causal=False, softmax_one=False,
-                              need=("q", "k", "v")):
+def query_rows_loss_and_grads(qr, k, v, yr, beta, *, row0=0, causal=False, softmax_one=False,
+                              need=("q", "k", "v"), block_q=None, block_k=None):
     """What the query rows ``row0 .. row0 + Lq`` contribute to :func:`loss_and_grads`, against all keys.
 
-    For token-sharded exact gradients (:mod:`gpulora.distributed`): a worker holds the rows ``qr, yr
-    (..., Lq, d)`` of its shard and the whole ``k, v (..., L, d)``; the query rows' loss and ``dQ`` are
-    complete, the key and value gradients are partial sums to be reduced over the shards. Blocked as
-    :func:`loss_and_grads` (``lead * block_q * block_k <= BLOCK_ELEMENTS``). Cost
+    :func:`loss_and_grads` is the case ``row0 = 0``, ``Lq = L``. For token-sharded exact gradients
+    (:mod:`gpulora.distributed`) a worker holds the rows ``qr, yr (..., Lq, d)`` of its shard and the whole
+    ``k, v (..., L, d)``: the query rows' loss and ``dQ`` are complete, the key and value gradients are
+    partial sums to be reduced over the shards. Blocked as the module docstring says
+    (``lead * block_q * block_k <= BLOCK_ELEMENTS``, sizes forced by ``block_q``, ``block_k``). Cost
     ``O(Lq L (d_head + d_v))`` time, ``O(L (d_head + d_v))`` memory per leading index.
 
     Returns
@@ -187,7 +154,7 @@ def query_rows_loss_and_grads(qr, k, v, yr, beta, *, row0, causal=False, softmax
     xp = backend.namespace(qr, k, v, yr)
     need = set(need)
     Lq, L = qr.shape[-2], k.shape[-2]
-    bq, bk = block_sizes(math.prod(qr.shape[:-2]), L)
+    bq, bk = block_sizes(math.prod(qr.shape[:-2]), L, block_q, block_k)
     dq = backend.empty(qr.shape, qr.dtype, xp) if "q" in need else None
     dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
     dv = xp.zeros(v.shape, dtype=v.dtype) if "v" in need else None
