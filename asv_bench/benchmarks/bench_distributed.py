@@ -15,8 +15,6 @@ bound.
 
 from __future__ import annotations
 
-import numpy as np
-
 from gpulora import backend
 from gpulora.distributed import traffic
 
@@ -28,7 +26,10 @@ K_FEATURES = 15  # C(D_HEAD + DEGREE, DEGREE)
 
 
 def _cluster(workers: int):
-    import distributed
+    try:
+        import distributed
+    except ImportError as err:
+        raise NotImplementedError(f"the dask extra is not installed ({err})") from None
 
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None)
@@ -146,5 +147,3 @@ class Traffic(_ClusterBenchmark):
 
     track_predicted_bytes_per_worker.unit = "bytes"
 
-
-del np

@@ -239,7 +239,7 @@ def _lost_inputs(err, sh: Shards, client) -> bool:
     return isinstance(err, FutureCancelledError)
 
 
-def _pack(total: Part, lora: LoRA, sh: Shards, xp) -> dict:
+def _pack(total: Part, lora: LoRA) -> dict:
     return {t: AdapterGrad(B=total.values[t + ".B"], A=total.values[t + ".A"]) for t in lora.targets}
 
 
@@ -281,18 +281,17 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     RuntimeError
         When a distributed sum does not cover every shard exactly once.
     """
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise ImportError(f"gpulora.distributed needs the dask extra (pip install 'gpulora[dask]'): {err}") from None
     _check_options(method, degree, tol, causal, family)
     if not isinstance(head, Head):
         raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
     if not isinstance(lora, LoRA):
         raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
-    if client is not None:
-        from distributed import Client
-
-        if not isinstance(client, Client):
-            raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
-    import dask
-
+    if client is not None and not isinstance(client, Client):
+        raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
     sh = split(x, y, chunks, head.d_model, head.heads * head.d_v)
     lay = choose_layout(sh, head.heads, mode, heads_per_task)
     client = _resolve_client(client)
@@ -319,7 +318,7 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     poly = p.method == "poly"
     return GradResult(
         loss=xp.asarray(total.values["loss"], dtype=sh.dtype),
-        grads=_pack(total, lora, sh, xp),
+        grads=_pack(total, lora),
         method=p.method,
         degree=p.choice.degree if poly else None,
         features=p.choice.features(head.d_head) if poly else None,
