@@ -94,6 +94,32 @@ def test_single_targets_and_unbatched_x(client, targets, method):
     _assert_same(res, ref)
 
 
+@pytest.mark.parametrize("method", ["exact", "poly"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softmax_one_token_sharded(client, causal, method):
+    p = make_problem(4, L=37, d_model=8, d_head=4, d_v=2, r=2, targets="qkv", batch=2, score_bound=1.0,
+                     softmax_one=True)
+    ref = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method=method, causal=causal)
+    res = gd.lora_grad(p.head, p.lora, p.x, p.y, client=client, method=method, causal=causal,
+                       chunks=(1, (10, 5, 22)))
+    _assert_same(res, ref)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_float32_token_sharded_poly(client, causal):
+    """float32 in, float32 out, the same compute dtype as one process; sums over shards in another order
+    differ by float32 rounding (``4 sqrt(eps)``, as the suite's same-algorithm rule)."""
+    p = make_problem(6, L=64, d_model=8, d_head=4, r=2, targets="qkv", batch=2, score_bound=1.0,
+                     dtype=np.float32)
+    ref = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", causal=causal)
+    res = gd.lora_grad(p.head, p.lora, p.x, p.y, client=client, method="poly", causal=causal, chunks=(None, 24))
+    assert res.compute_dtype == ref.compute_dtype and res.loss.dtype == np.float32
+    rtol = 4 * np.sqrt(np.finfo(np.float32).eps)
+    for t, g in ref.grads.items():
+        assert res.grads[t].B.dtype == np.float32
+        assert rel_error(res.grads[t].B, g.B) < rtol and rel_error(res.grads[t].A, g.A) < rtol, t
+
+
 def test_dask_arrays_rechunked_and_logged(client, caplog):
     """Dask input: ``x`` split along d_model and ``y`` chunked unlike ``x`` are re-chunked, and the note
     (also logged) says so; ``method="auto"`` decides once for the whole call."""
