@@ -46,7 +46,8 @@ def client():
 
 def _assert_same(res, ref):
     assert res.method == ref.method and res.degree == ref.degree and res.family == ref.family
-    assert res.bound == ref.bound
+    assert res.bound == ref.bound and res.error_bound == ref.error_bound
+    assert res.error_estimate == pytest.approx(ref.error_estimate, rel=RTOL)
     assert rel_error(np.asarray(res.loss), np.asarray(ref.loss)) < RTOL
     assert set(res.grads) == set(ref.grads)
     for t, g in ref.grads.items():
@@ -118,6 +119,20 @@ def test_float32_token_sharded_poly(client, causal):
     for t, g in ref.grads.items():
         assert res.grads[t].B.dtype == np.float32
         assert rel_error(res.grads[t].B, g.B) < rtol and rel_error(res.grads[t].A, g.A) < rtol, t
+
+
+def test_a_posteriori_check_over_shards(client):
+    """Near a perfect fit the error estimate (from the spread of V over the whole sequence, gathered from
+    the shards) exceeds 10 tol: ``auto`` reruns exact as one process does, ``poly`` warns."""
+    p = make_problem(14, L=48, d_model=8, d_head=4, r=2, targets="qv", batch=2, score_bound=0.5)
+    y = gpulora.forward(p.head, p.lora, p.x, method="exact") + 1e-9
+    ref = gpulora.lora_grad(p.head, p.lora, p.x, y, method="auto")
+    res = gd.lora_grad(p.head, p.lora, p.x, y, client=client, method="auto", chunks=(None, 20))
+    assert "reran exact" in ref.note and "reran exact" in res.note
+    _assert_same(res, ref)
+    with pytest.warns(gpulora.AccuracyWarning):
+        res = gd.lora_grad(p.head, p.lora, p.x, y, client=client, method="poly", chunks=(None, 20))
+    assert res.error_estimate > 10 * gpulora.DEFAULT_TOL
 
 
 def test_dask_arrays_rechunked_and_logged(client, caplog):

@@ -31,10 +31,10 @@ import uuid
 import numpy as np
 
 from .. import backend
-from ..grad import _check_options, _with_fallback, plan_for_bound
-from ..model import AdapterGrad, GradResult, Head, LoRA
+from ..grad import _check_options, _checked_poly, _with_fallback, estimate_from_spread, plan_for_bound
+from ..model import AdapterGrad, GradResult, Head, LoRA, check_parameters
 from . import tasks
-from .parts import Part, check_cover, combine, tree_reduce
+from .parts import check_cover, combine, tree_reduce
 from .shards import Shards, place, split
 
 __all__ = ["MODES", "lora_grad"]
@@ -108,15 +108,25 @@ def _compute(client, obj):
     return dask.compute(obj, scheduler=client)[0]
 
 
-def _bound(blocks, head_d, lora_d, beta, client) -> float:
+def _bound(blocks, head_d, lora_d, beta, client):
+    """``(M, means)``: the score bound of the whole call and the mean of ``V`` per batch block, ``(b, H, d_v)``."""
     (fn,) = _tasks(tasks.row_norm_maxima)
-    maxima = _compute(client, [[fn(head_d, lora_d, xy) for xy in row] for row in blocks])
-    best = 0.0
-    for row in maxima:
-        qn = tasks.max_over(m[0] for m in row)
-        kn = tasks.max_over(m[1] for m in row)
-        best = max(best, float(np.max(qn * kn)))
-    return beta * float(np.sqrt(best))
+    found = _compute(client, [[fn(head_d, lora_d, xy) for xy in row] for row in blocks])
+    best, means = 0.0, []
+    with np.errstate(over="ignore"):  # an overflowing bound is inf, as in gpulora.lora_grad
+        for row in found:
+            qn = tasks.max_over(m[0] for m in row)
+            kn = tasks.max_over(m[1] for m in row)
+            best = max(best, float(np.max(qn * kn)))
+            means.append(sum(m[2] for m in row))
+    return beta * float(np.sqrt(best)), means
+
+
+def _spread(blocks, head_d, lora_d, means, L, client) -> float:
+    """Sum over (batch, head) of ``max_j |v_j - mean|^2`` over the whole sequence (one map-reduce)."""
+    (fn,) = _tasks(tasks.value_spread)
+    found = _compute(client, [[fn(head_d, lora_d, xy, means[b] / L) for xy in row] for b, row in enumerate(blocks)])
+    return float(sum(np.sum(tasks.max_over(row)) for row in found))
 
 
 def _tasks(*fns):
@@ -203,18 +213,20 @@ def _tokens_causal_poly_total(blocks, head_d, lora_d, plan_d, targets):
 
 
 def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol, causal, family):
-    """Place the blocks, decide the plan from the whole call's bound, run the mode: ``(plan, total)``."""
+    """Place the blocks, plan from the whole call's bound, run the mode and check the result as
+    :func:`gpulora.lora_grad` does: ``(plan, (loss, grads), error_estimate)``."""
     import dask
 
     tag = uuid.uuid4().hex[:8]
     head_d = dask.delayed(head, name=f"gpulora-head-{tag}")
     lora_d = dask.delayed(lora, name=f"gpulora-lora-{tag}")
     blocks = place(sh, client)
-    bound = _bound(blocks, head_d, lora_d, head.beta, client)
-    name = "cupy" if backend.is_cupy(sh.sample) else "numpy"
+    bound, means = _bound(blocks, head_d, lora_d, head.beta, client)
+    group = max(h1 - h0 for h0, h1 in lay.heads)
     p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
-                       d_v=head.d_v, backend_name=name, degree=degree, tol=tol, causal=causal, family=family,
-                       targets=lora.targets)
+                       d_v=head.d_v, backend_name="cupy" if backend.is_cupy(sh.sample) else "numpy",
+                       degree=degree, tol=tol, causal=causal, family=family, targets=lora.targets,
+                       task_lead=max(sh.batch_sizes) * group, task_L=max(sh.token_sizes))
 
     def run(_, p):
         if lay.mode == "batch":
@@ -225,9 +237,15 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
             build = _tokens_causal_poly_total if causal else _tokens_poly_total
             plan_d = dask.delayed(p, name=f"gpulora-plan-{tag}")
             graph, cover = build(blocks, head_d, lora_d, plan_d, lora.targets)
-        return check_cover(_compute(client, graph), cover)
+        total = check_cover(_compute(client, graph), cover).values
+        grads = {t: AdapterGrad(B=total[t + ".B"], A=total[t + ".A"]) for t in lora.targets}
+        return total["loss"], grads
 
-    return _with_fallback(run, None, p, method)
+    def estimate(p, residual):
+        return estimate_from_spread(p, sh.L, _spread(blocks, head_d, lora_d, means, sh.L, client), residual)
+
+    p, out = _with_fallback(run, None, p, method)
+    return _checked_poly(None, p, method, out, run, estimate=estimate)
 
 
 def _lost_inputs(err, sh: Shards, client) -> bool:
@@ -237,10 +255,6 @@ def _lost_inputs(err, sh: Shards, client) -> bool:
     from distributed.client import FutureCancelledError
 
     return isinstance(err, FutureCancelledError)
-
-
-def _pack(total: Part, lora: LoRA) -> dict:
-    return {t: AdapterGrad(B=total.values[t + ".B"], A=total.values[t + ".A"]) for t in lora.targets}
 
 
 def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degree=None, tol=None, causal=False,
@@ -285,11 +299,12 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
         from distributed import Client
     except ImportError as err:
         raise ImportError(f"gpulora.distributed needs the dask extra (pip install 'gpulora[dask]'): {err}") from None
-    _check_options(method, degree, tol, causal, family)
+    degree, tol, causal = _check_options(method, degree, tol, causal, family)
     if not isinstance(head, Head):
         raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
     if not isinstance(lora, LoRA):
         raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    check_parameters(head, lora)  # B and A are usually updated in place between calls
     if client is not None and not isinstance(client, Client):
         raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
     sh = split(x, y, chunks, head.d_model, head.heads * head.d_v)
@@ -298,14 +313,14 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     opts = dict(method=method, degree=degree, tol=tol, causal=causal, family=family)
     retried = ""
     try:
-        p, total = _attempt(head, lora, sh, lay, client, **opts)
+        p, (loss_, grads), est = _attempt(head, lora, sh, lay, client, **opts)
     except Exception as err:
         if not _lost_inputs(err, sh, client):
             raise
         # scattered NumPy/CuPy blocks have no lineage: a worker that died took its shards with it
         retried = f"; retried once: {type(err).__name__} (input blocks lost with a worker)"
         log.warning("gpulora.distributed: input blocks lost with a worker (%r); scattering again", err)
-        p, total = _attempt(head, lora, sh, lay, client, **opts)
+        p, (loss_, grads), est = _attempt(head, lora, sh, lay, client, **opts)
     xp = backend.namespace(sh.sample)
     kind = lay.mode if lay.mode == "batch" else f"tokens-{p.method}{'-causal' if causal else ''}"
     note = f"distributed {kind}: {lay.why}"
@@ -317,8 +332,8 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     log.info(note)
     poly = p.method == "poly"
     return GradResult(
-        loss=xp.asarray(total.values["loss"], dtype=sh.dtype),
-        grads=_pack(total, lora),
+        loss=xp.asarray(loss_, dtype=sh.dtype),
+        grads=grads,
         method=p.method,
         degree=p.choice.degree if poly else None,
         features=p.choice.features(head.d_head) if poly else None,
@@ -326,4 +341,6 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
         family=p.choice.family if poly else None,
         compute_dtype=str(p.compute_dtype) if poly else None,
         note=note,
+        error_bound=p.error_bound,
+        error_estimate=est,
     )

@@ -31,16 +31,30 @@ __all__ = [
 
 
 def row_norm_maxima(head: Head, lora: LoRA, xy):
-    """``(max_i |q_i|^2, max_j |k_j|^2)`` per (batch member, head) of the block ``x``: NumPy ``(b, H)`` each.
+    """``(max_i |q_i|^2, max_j |k_j|^2, sum_j v_j)`` per (batch member, head) of the block: NumPy ``(b, H)``,
+    ``(b, H)`` and ``(b, H, d_v)`` (float64).
 
     The bound of the whole call, ``M = beta max_(b,h) sqrt(max_i |q_i|^2 max_j |k_j|^2)``, is the max over
     token blocks of these, then the product: the same number :func:`gpulora.poly.chain.score_bound` gives.
+    The sums give the mean of ``V`` that :func:`value_spread` needs.
     """
     prob = prepare(head, lora, xy[0])
     xp = prob.xp
     qn = xp.max(xp.sum(prob.q * prob.q, axis=-1), axis=-1)
     kn = xp.max(xp.sum(prob.k * prob.k, axis=-1), axis=-1)
-    return backend.to_numpy(qn), backend.to_numpy(kn)
+    vs = xp.sum(xp.astype(prob.v, xp.float64), axis=-2)
+    return backend.to_numpy(qn), backend.to_numpy(kn), backend.to_numpy(vs)
+
+
+def value_spread(head: Head, lora: LoRA, xy, mean) -> np.ndarray:
+    """``max_j |v_j - c|^2`` per (batch member, head) of the block, NumPy ``(b, H)`` float64, for the mean
+    ``c (b, H, d_v)`` of the whole sequence (0 for Softmax_1): the spread that
+    :func:`gpulora.grad.error_estimate` bounds the output error with."""
+    prob = prepare(head, lora, xy[0])
+    xp = prob.xp
+    v = xp.astype(prob.v, xp.float64)
+    c = 0.0 if prob.softmax_one else xp.asarray(mean)[..., None, :]
+    return backend.to_numpy(xp.max(xp.sum((v - c) ** 2, axis=-1), axis=-1))
 
 
 def head_group(head: Head, lora: LoRA, h0: int, h1: int):
