@@ -62,14 +62,14 @@ import math
 from typing import Any
 
 from .. import backend
-from .chain import (KeyState, PolynomialFailure, QueryState, _Features, check_extreme_pairs, check_mask,
-                    check_normaliser_ratio)
+from .chain import (KeyState, PolynomialFailure, QueryState, _Columns, _Features, _grid, check_extreme_pairs,
+                    check_mask, check_normaliser_ratio, key_rhs, query_rhs)
 from .coefficients import PolyChoice
 from .monomials import monomial_table
-from .products import kron_apply, kron_rows
+from .products import kron_apply, row_sums
 
 __all__ = ["BLOCK_ELEMENTS", "CausalForward", "PolynomialFailure", "backward_sweep", "chunk_size",
-           "chunked_loss_and_grads", "chunked_output", "forward_sweep", "loss_and_grads", "output"]
+           "chunked_loss_and_grads", "chunked_output", "forward_sweep", "loss_and_grads", "output", "peak_bytes"]
 
 BLOCK_ELEMENTS = 1 << 17  # 1 MiB of float64 per temporary: cache-sized groups measured fastest
 MIN_CHUNK, MAX_CHUNK = 16, 512
@@ -86,6 +86,17 @@ def chunk_size(L: int, k: int, d_head: int, d_v: int) -> int:
 def _group_size(lead: int, n_chunks: int, c: int, k: int, d_head: int, d_v: int) -> int:
     per_chunk = lead * max(k * d_v * d_head, c * d_v * d_head, c * k, c * c)
     return max(1, min(n_chunks, BLOCK_ELEMENTS // per_chunk))
+
+
+def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int) -> int:
+    """Estimated peak memory of :func:`loss_and_grads`: the per-row arrays kept between the sweeps (padded
+    inputs, ``G``, ``r``, ``D``, output, gradients, key counts) and one group's features, states and
+    in-chunk blocks (:func:`chunk_size`, :data:`BLOCK_ELEMENTS`). Never ``L k``."""
+    c = chunk_size(L, k, d_head, d_v)
+    m = _group_size(lead, -(-L // c), c, k, d_head, d_v)
+    width = (1 + d_v) * (1 + d_head)
+    group = lead * m * (4 * c * k + 3 * k * width + 3 * c * c + 4 * c * width)
+    return itemsize * (group + lead * (L + c) * (4 * d_head + 5 * d_v + 4))
 
 
 def _exclusive(xp, carry, parts, reverse=False):
@@ -210,9 +221,9 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         carry = xp.zeros((B, lay.k, width), dtype=dtype)
         count0 = xp.zeros((B,), dtype=xp.float64)
     else:
-        if (prefix.d_v, prefix.d_head) != (d_v, d_head) or (with_k and not prefix.with_k):
-            raise ValueError("the prefix key state does not match these inputs and targets")
-        carry = lay.flat_state(prefix.data)[..., :width]
+        if (prefix.d_v, prefix.d_head) != (d_v, d_head):
+            raise ValueError("the prefix key state does not match these inputs")
+        carry = lay.flat_state(prefix.stacked(with_k))
         count0 = xp.reshape(xp.broadcast_to(prefix.count, lay.lead), (B,))
     # [B, n, C, 1]: real keys j <= i of each row, the prefix's included (float64: exact counts)
     n_keys = xp.reshape(count0[:, None] + xp.cumulative_sum(
@@ -226,18 +237,16 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
     parts_out = {t: backend.empty(shape + (width_of[t],), dtype, xp) for t in need}
     loss = xp.zeros((), dtype=xp.float64) if mode == "y" else None
     worst = xp.asarray(math.inf, dtype=xp.float64)
-    s0, s1 = 1 + d_v, 1 + d_v + d_head
+    cols = [_Columns(xp) for _ in range(3)]
     for c0, c1 in lay.groups():
         qb, kb, vb = lay.q[:, c0:c1], lay.k_[:, c0:c1], lay.v[:, c0:c1]
         kr, qr = lay.key_real[:, c0:c1], lay.query_real[:, c0:c1]
         phi = fq(beta * qb)  # [B, m, C, k]
         psi = xp.where(kr, fk(kb), 0.0)
         a = xp.where(lay.tril, phi @ psi.mT, 0.0)  # [B, m, C, C]: in-chunk weights, masked to j <= i
-        ones = xp.ones(vb.shape[:-1] + (1,), dtype=dtype)
-        rhs = [ones, vb] + ([kb, kron_rows(vb, kb)] if with_k else [])
-        states, carry = _exclusive(xp, carry, psi.mT @ xp.concat(rhs, axis=-1))  # [B, m, k, W]
-        x = phi @ states  # [B, m, C, W]
-        raw = x[..., 0:1] + xp.sum(a, axis=-1, keepdims=True)
+        states, carry = _exclusive(xp, carry, psi.mT @ key_rhs(xp, vb, kb, with_k, cols[:2]))  # [B, m, k, W]
+        x = _grid(phi @ states, 1 + d_v, xp)  # [B, m, C, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
+        raw = x[..., 0, 0:1] + row_sums(a, xp)
         nk = n_keys[:, c0:c1]
         real = xp.logical_and(qr, nk > 0)
         ratio = xp.where(real, xp.astype(raw, xp.float64) / xp.where(nk > 0, nk * choice.min_value, 1.0),
@@ -246,7 +255,7 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         den = raw + 1.0 if softmax_one else raw
         den = xp.where(den == 0, 1.0, den)  # no key (or padding): zero output, never 0 / 0
         f = a / den  # [B, m, C, C]: the block of F~
-        o = xp.where(qr, x[..., 1:s0] / den + f @ vb, 0.0)
+        o = xp.where(qr, x[..., 1:, 0] / den + f @ vb, 0.0)
         o_all[:, c0:c1] = o
         if not grad:
             continue
@@ -256,12 +265,12 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         g = xp.where(qr, g, 0.0)
         if loss is not None:
             loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
-        r = xp.sum(g * o, axis=-1, keepdims=True)  # [B, m, C, 1]
+        r = row_sums(g * o, xp)  # [B, m, C, 1]
         saved["g"][:, c0:c1], saved["r"][:, c0:c1], saved["den"][:, c0:c1] = g, r, den
         if need & {"q", "k"}:
             p = f * (g @ vb.mT - r)  # [B, m, C, C]: dloss/dS on the block
         if "q" in need:
-            parts_out["q"][:, c0:c1] = beta * ((kron_apply(x[..., s1:], g) - r * x[..., s0:s1]) / den + p @ kb)
+            parts_out["q"][:, c0:c1] = beta * (kron_apply(x[..., 1:], cols[2](-r, g), xp) / den + p @ kb)
         if "k" in need:
             parts_out["k"][:, c0:c1] = beta * (p.mT @ qb)
         if "v" in need:
@@ -288,24 +297,24 @@ def backward_sweep(lay: _Layout, fwd: CausalForward, beta, choice: PolyChoice, *
         carry = xp.zeros((B, lay.k, width), dtype=dtype)
         loss, worst = fwd.loss, fwd.worst
     else:
-        if suffix.data is None or (suffix.d_v, suffix.d_head) != (d_v, d_head) or (with_k and not suffix.with_k):
-            raise ValueError("the suffix query state does not match these inputs and targets")
-        carry = lay.flat_state(suffix.data)[..., :width]
+        if (suffix.d_v, suffix.d_head) != (d_v, d_head):
+            raise ValueError("the suffix query state does not match these inputs")
+        carry = lay.flat_state(suffix.stacked(with_k))
         loss = None if fwd.loss is None else fwd.loss + suffix.loss
         worst = xp.minimum(fwd.worst, suffix.worst)
-    s0, s1 = d_v, d_v + d_head
+    rows = 1 + d_v if with_k else d_v
+    cols = [_Columns(xp) for _ in range(3)]
     for c0, c1 in lay.groups(reverse=True):
         qb, kb, vb = lay.q[:, c0:c1], lay.k_[:, c0:c1], lay.v[:, c0:c1]
         g, r = fwd.g[:, c0:c1], fwd.r[:, c0:c1]
         u = fq(beta * qb) / fwd.den[:, c0:c1]
         psi = xp.where(lay.key_real[:, c0:c1], fk(kb), 0.0)
-        rhs = [g] + ([r * qb, kron_rows(g, qb)] if with_k else [])
-        states, carry = _exclusive(xp, carry, u.mT @ xp.concat(rhs, axis=-1), reverse=True)  # [B, m, k, W]
-        x = psi @ states  # [B, m, C, W]
+        states, carry = _exclusive(xp, carry, u.mT @ query_rhs(xp, g, r, qb, with_k, cols[:2]), reverse=True)  # [B, m, k, W]
+        x = _grid(psi @ states, rows, xp)  # [B, m, C, rows, cols]
         if "v" in need:
-            fwd.dv[:, c0:c1] += x[..., :s0]
+            fwd.dv[:, c0:c1] += x[..., 1:, 0] if with_k else x[..., 0]
         if "k" in need:
-            fwd.dk[:, c0:c1] += beta * (kron_apply(x[..., s1:], vb) - x[..., s0:s1])
+            fwd.dk[:, c0:c1] += beta * kron_apply(x[..., 1:], cols[2](-1.0, vb), xp)
     return QueryState(lay.lead_state(carry), loss, worst, d_v, d_head, with_k)
 
 
@@ -370,33 +379,9 @@ def loss_and_grads(q, k, v, y, beta, choice: PolyChoice, compute_dtype, *, softm
                    need=("q", "k", "v"), grad_output=None, key_mask=None, query_mask=None):
     """Causal loss and gradients with respect to ``Q``, ``K``, ``V`` by the chunked chain above.
 
-    Parameters
-    ----------
-    q, k : arrays of shape (..., L, d_head)
-    v : array of shape (..., L, d_v)
-    y : array of shape (..., L, d_v), or None with ``grad_output``
-        Same namespace and dtype; leading axes (batch, heads) are independent problems.
-    beta : float
-        Inverse temperature, folded into the query features.
-    choice : PolyChoice
-        The polynomial ``p ~ exp`` (:func:`gpulora.poly.coefficients.choose`).
-    compute_dtype : dtype
-        Dtype of the features, states and products; results come back in ``q.dtype``.
-    softmax_one : bool
-        Softmax_1: 1 joins every normaliser.
-    need : iterable of {"q", "k", "v"}
-        Gradients to compute; the states of the others are skipped.
-    grad_output : array of shape (..., L, d_v), optional
-        The upstream gradient ``dO`` in place of ``y`` (vector-Jacobian product; the loss is None).
-    key_mask, query_mask : bool arrays broadcastable to (..., L), optional
-        True for real keys / query rows (see :mod:`gpulora.poly.chain`, "Masks").
-
-    Returns
-    -------
-    (loss, dq, dk, dv)
-        ``loss`` a 0-d array (summed over leading axes) or None, each gradient shaped like its input or
-        None. Cost ``O(L k d_v d_head + L C (k + d_v + d_head))`` time per leading index, memory linear in
-        ``L`` and free of ``L k``.
+    Parameters and returns as :func:`gpulora.poly.chain.loss_and_grads` (``y`` or ``grad_output``, masks;
+    the chunking replaces ``budget``). Cost ``O(L k d_v d_head + L C (k + d_v + d_head))`` time per leading
+    index, memory linear in ``L`` and free of ``L k`` (:func:`peak_bytes`).
 
     Raises
     ------

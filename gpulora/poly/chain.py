@@ -17,17 +17,22 @@ attention output for any upstream gradient (``r_i = g_i . o~_i`` as well).
 
 **Three passes over blocks of rows.** Everything above is a sum over keys or a sum over queries, so the
 chain runs as three streamed passes, each building the features of one block of rows, doing one GEMM
-against the stacked states, and keeping nothing of size ``L x k``:
+against stacked states, and keeping nothing of size ``L x k``. The states are Kronecker grids, so that a
+block's right-hand side is one row-wise Kronecker product and its readout one batched ``(1, p) @ (p, q)``:
 
-1. :func:`key_pass` (key blocks): :class:`KeyState`, the sums over keys ``[Psi^T 1 | Psi^T V | Psi^T K |
-   T_K]`` (the last two when ``dQ`` is needed) and the number of keys; one GEMM
-   ``Psi_b^T [1 | V_b | K_b | V_b (x) K_b]`` per block.
-2. :func:`query_pass` (query blocks, given the summed key states): ``Phi_b [z | S_V | S_K | T_K]`` in one
-   GEMM gives ``D``, ``O~``, and with ``G`` the ``dQ`` rows; then :class:`QueryState`, the sums over queries
-   ``[U^T G | U^T (r Q) | T_Q]`` (the last two when ``dK`` is needed), the loss, and the smallest
-   normaliser ratio of the run-time check.
-3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b [R_G | R_Q | T_Q]`` gives the
-   ``dV`` and ``dK`` rows.
+1. :func:`key_pass` (key blocks): :class:`KeyState`, ``Psi^T ([1 | V] (x) [1 | K])``, the grid
+   ``[[z, S_K], [S_V, T_K]]`` of the sums over keys (``[z, S_V]`` alone when ``dQ`` is not needed), and the
+   number of keys.
+2. :func:`query_pass` (query blocks, given the summed key states): ``Phi_b`` times that grid gives ``D``,
+   ``O~`` and, with ``G``, ``dQ = beta / D ([-r | G] . [U S_K; U T_K])`` row by row; then
+   :class:`QueryState`, ``U^T ([r | G] (x) [1 | Q])``, the grid ``[[U^T r, R_Q], [R_G, T_Q]]`` of the sums
+   over queries (``R_G = U^T G`` alone when ``dK`` is not needed), the loss, and the smallest normaliser
+   ratio of the run-time check.
+3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b`` times that grid gives
+   ``dV`` (its ``R_G`` part) and ``dK = beta ([-1 | V] . [R_Q; T_Q])`` row by row.
+
+The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
+``k x W`` states, once, instead of to every ``Lb x k`` block.
 
 The states are associative sums (``+`` adds them; the normaliser ratio takes the minimum), so the passes
 shard over tokens: map :func:`key_pass` over key shards, reduce with ``+``, broadcast; map
@@ -40,13 +45,16 @@ real query row): padded rows get zero output, zero ``dQ`` and contribute nothing
 states. A query with no real key attends to nothing: zero output (and ``D = 1`` with Softmax_1).
 
 **Memory.** Each pass holds one block's features ``(Lb, k)`` with the temporaries of their construction
-and the block's stacked right-hand sides ``(Lb, W)``, ``W = 1 + d_v + d_head + d_v d_head``, plus the states
+and the block's stacked right-hand sides ``(Lb, W)``, ``W <= (1 + d_v) (1 + d_head)``, plus the states
 ``(k, W)``. :func:`block_rows` picks ``Lb`` so that these block arrays fit ``budget`` bytes over all leading
 indices (default :data:`DEFAULT_BUDGET`, 256 MiB: small beside a GPU's memory, and at least
-:data:`MIN_BLOCK_ROWS` rows). Pass 3 recomputes the key features rather than keeping them from pass 1:
-building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs. Peak memory is therefore
-``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: measured 0.53 GiB at ``k = 4845``
-(``d_head = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB before streaming).
+:data:`MIN_BLOCK_ROWS` rows); on the CPU, blocks are smaller still where that keeps them in cache
+(:data:`CACHE_BYTES`, faster). Pass 3 recomputes the key features rather than keeping them from pass 1:
+building them costs ``O(L k)`` against the ``O(L k W)`` of the GEMMs, and keeping them (``L x k`` more
+memory, read back from RAM) measured 25 % slower at ``d_head = 8``, ``g = 2``, float32. Peak memory is
+therefore ``O(budget + lead (k W + L (d_head + d_v)))`` independent of ``L k``: tracemalloc measured a peak of
+0.15 GiB at ``k = 4845`` (``d_head = d_v = 16``, ``g = 4``), ``L = 65536``, float64, ``qkv`` (8.7 GiB
+before streaming).
 
 **Cost** ``O(batch H L k d_v d_head)`` time (``k = C(d_head + g, g)``).
 
@@ -80,14 +88,16 @@ from .. import backend
 from .coefficients import PolyChoice, evaluate
 from .features import feature_scales, monomial_features
 from .monomials import monomial_table
-from .products import kron_apply, kron_rows
+from .products import kron_apply, kron_rows, row_sums
 
 __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", "QueryState", "block_rows",
            "check_extreme_pairs", "check_mask", "check_normaliser", "check_normaliser_ratio", "key_grad_pass",
-           "key_pass", "loss_and_grads", "output", "query_pass", "score_bound"]
+           "key_pass", "loss_and_grads", "output", "peak_bytes", "query_pass", "score_bound"]
 
 DEFAULT_BUDGET = 1 << 28  # bytes for one block's arrays, over all leading indices
 MIN_BLOCK_ROWS = 16
+CACHE_BYTES = 2 << 20  # speed: a block's arrays that stay in cache (measured best of 1, 2, 4, 8, 32 MiB)
+FAST_MIN_ROWS = 1024  # speed: below this the per-block overhead and thin GEMMs cost more than cache misses
 FEATURE_TEMPORARIES = 4  # the features plus up to three (Lb, k) temporaries while they are built
 RHS_TEMPORARIES = 4  # right-hand side, GEMM result, Kronecker temporaries
 
@@ -102,17 +112,44 @@ def score_bound(q, k, beta) -> float:
     By Cauchy-Schwarz ``|s_ij| <= M`` for every score. One host read.
     """
     xp = backend.namespace(q, k)
-    qn = xp.max(xp.sum(q * q, axis=-1), axis=-1)
-    kn = xp.max(xp.sum(k * k, axis=-1), axis=-1)
+    qn = xp.max(row_sums(q * q), axis=(-2, -1))
+    kn = xp.max(row_sums(k * k), axis=(-2, -1))
     return beta * math.sqrt(max(backend.to_float(xp.max(qn * kn)), 0.0))
 
 
-def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
-    """Rows per block: the largest ``Lb <= L`` with ``lead Lb itemsize (4 k + 4 W) <= budget`` (the features
-    with the temporaries of their construction, the right-hand sides, the GEMM result and the Kronecker
-    temporaries of ``W = width`` columns), but at least :data:`MIN_BLOCK_ROWS` (or ``L``)."""
-    per_row = lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width)
-    return max(1, min(L, max(MIN_BLOCK_ROWS, budget // max(per_row, 1))))
+def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int = DEFAULT_BUDGET,
+               cache_bytes: int | None = CACHE_BYTES) -> int:
+    """Rows per block ``Lb`` (at most ``L``).
+
+    Memory: ``lead Lb itemsize (4 k + 4 W) <= budget`` (the features with the temporaries of their
+    construction, the right-hand sides, the GEMM result and the Kronecker temporaries of ``W = width``
+    columns). Speed (CPU): no more rows than keep ``lead Lb itemsize (k + 3 W)`` within ``cache_bytes``, but
+    at least :data:`FAST_MIN_ROWS` (a cache-resident block measured 1.5-3x faster per row than whole-``L``
+    arrays at small ``k``; large ``k`` is GEMM-bound either way). ``cache_bytes=None`` (the passes on CuPy:
+    no CPU cache to fit, and launches favour few large blocks) fills the budget. Never below
+    :data:`MIN_BLOCK_ROWS`.
+    """
+    rows = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
+    if cache_bytes is not None:
+        rows = min(rows, max(FAST_MIN_ROWS, cache_bytes // max(lead * itemsize * (k + 3 * width), 1)))
+    return max(1, min(L, max(MIN_BLOCK_ROWS, rows)))
+
+
+def _pass_blocks(xp, like, L: int, lead: tuple, k: int, width: int, dtype, budget: int):
+    """The ``(lo, hi)`` blocks of one pass (:func:`block_rows`; no cache rule for CuPy arrays)."""
+    cache = None if backend.is_cupy(like) else CACHE_BYTES
+    return _blocks(L, block_rows(L, math.prod(lead), k, width, xp.finfo(dtype).bits // 8, budget, cache))
+
+
+def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
+    """Estimated peak memory of :func:`loss_and_grads` for ``lead`` problems of ``L`` rows and ``k`` features:
+    the blocks (at most ``budget``), three ``(k, W)`` states, and the ``O(L (d_head + d_v))`` rows (the cast
+    inputs of the check, the gradients and output). Never ``L k``."""
+    width = (1 + d_v) * (1 + d_head)
+    rows = budget // max(lead * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width), 1)
+    rows = min(L, max(MIN_BLOCK_ROWS, rows))
+    block = lead * rows * itemsize * (FEATURE_TEMPORARIES * k + RHS_TEMPORARIES * width)
+    return block + itemsize * lead * (3 * k * width + L * (3 * d_head + 2 * d_v))
 
 
 def _blocks(L: int, step: int):
@@ -142,19 +179,30 @@ def _stack_add(a, b):
     return None if a is None else a + b
 
 
+def _grid(data, rows: int, xp=None):
+    """``(..., k, rows * cols)`` stacked states as the ``(..., k, rows, cols)`` grid (a view)."""
+    if data is None:
+        return None
+    xp = backend.namespace(data) if xp is None else xp
+    return xp.reshape(data, data.shape[:-1] + (rows, data.shape[-1] // rows))
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyState:
     """Sums over keys (pass 1), for one set of leading indices; ``a + b`` sums two shards' states.
+
+    The states are one GEMM's result: ``Psi^T (V' (x) K')`` with ``V' = [1 | V]`` and ``K' = [1 | K]`` (or
+    ``[1]`` without ``with_k``), so ``data`` is the ``(1 + d_v) x (1 + d_head)`` grid of ``[[z, S_K],
+    [S_V, T_K]]`` per feature, flattened row-major.
 
     Attributes
     ----------
     count : array of shape ``lead``, float64
         Number of real (unmasked) keys summed.
-    data : array of shape ``lead + (k, W)``, compute dtype
-        The stacked states ``[z | S_V | S_K | T_K]``: ``z = Psi^T 1`` (1 column), ``S_V = Psi^T V``
-        (``d_v``), and when ``with_k``: ``S_K = Psi^T K`` (``d_head``), ``T_K = Psi^T (V (x) K)``
-        (``d_v d_head``, column ``c d_head + e`` for ``v_c k_e``). Views: :attr:`z`, :attr:`s_v`,
-        :attr:`s_k`, :attr:`t_k`.
+    data : array of shape ``lead + (k, (1 + d_v) (1 + d_head))`` (``(k, 1 + d_v)`` without ``with_k``)
+        ``z = Psi^T 1``, ``S_V = Psi^T V``, ``S_K = Psi^T K``, ``T_K = Psi^T (V (x) K)``: the views
+        :attr:`z` ``(..., k)``, :attr:`s_v` ``(..., k, d_v)``, :attr:`s_k` ``(..., k, d_head)``,
+        :attr:`t_k` ``(..., k, d_v, d_head)``. Compute dtype.
     d_v, d_head : int
     with_k : bool
         Whether ``S_K`` and ``T_K`` are present (what ``dQ`` needs).
@@ -169,23 +217,34 @@ class KeyState:
     @staticmethod
     def width(d_v: int, d_head: int, with_k: bool) -> int:
         """Number of stacked columns ``W``."""
-        return 1 + d_v + (d_head + d_v * d_head if with_k else 0)
+        return (1 + d_v) * (1 + (d_head if with_k else 0))
+
+    @property
+    def grid(self):
+        """``data`` as ``(..., k, 1 + d_v, 1 + d_head)`` (or ``(..., k, 1 + d_v, 1)``)."""
+        return _grid(self.data, 1 + self.d_v)
 
     @property
     def z(self):
-        return self.data[..., 0]
+        return self.grid[..., 0, 0]
 
     @property
     def s_v(self):
-        return self.data[..., 1:1 + self.d_v]
+        return self.grid[..., 1:, 0]
 
     @property
     def s_k(self):
-        return self.data[..., 1 + self.d_v:1 + self.d_v + self.d_head] if self.with_k else None
+        return self.grid[..., 0, 1:] if self.with_k else None
 
     @property
     def t_k(self):
-        return self.data[..., 1 + self.d_v + self.d_head:] if self.with_k else None
+        return self.grid[..., 1:, 1:] if self.with_k else None
+
+    def stacked(self, with_k: bool):
+        """``data`` in the layout for ``with_k`` (dropping ``S_K``, ``T_K`` if present and not wanted)."""
+        if with_k and not self.with_k:
+            raise ValueError("these key states lack S_K and T_K (built without 'q' in need)")
+        return self.data if with_k == self.with_k else self.grid[..., 0]
 
     def __add__(self, other: KeyState) -> KeyState:
         if (self.d_v, self.d_head, self.with_k) != (other.d_v, other.d_head, other.with_k):
@@ -197,12 +256,14 @@ class KeyState:
 class QueryState:
     """Sums over queries (pass 2), for one set of leading indices; ``a + b`` combines two shards' states.
 
+    ``data = U^T (G' (x) Q')`` with ``G' = [r | G]``, ``Q' = [1 | Q]`` when ``with_k`` (the grid
+    ``[[U^T r, R_Q], [R_G, T_Q]]``), else ``U^T G``.
+
     Attributes
     ----------
-    data : array of shape ``lead + (k, W)`` (compute dtype), or None when no ``dK``/``dV`` is needed
-        The stacked states ``[R_G | R_Q | T_Q]``: ``R_G = U^T G`` (``d_v`` columns), and when ``with_k``:
-        ``R_Q = U^T (r Q)`` (``d_head``), ``T_Q = U^T (G (x) Q)`` (``d_v d_head``). Views :attr:`r_g`,
-        :attr:`r_q`, :attr:`t_q`.
+    data : array of shape ``lead + (k, (1 + d_v) (1 + d_head))`` (``(k, d_v)`` without ``with_k``), or None
+        when no ``dK``/``dV`` is needed. ``R_G = U^T G``, ``R_Q = U^T (r Q)``, ``T_Q = U^T (G (x) Q)``: the
+        views :attr:`r_g`, :attr:`r_q`, :attr:`t_q` (``(..., k, d_v, d_head)``). Compute dtype.
     loss : 0-d float64 array, or None (output-only or upstream-gradient mode)
         ``0.5 ||O~ - Y||^2`` over the rows summed.
     worst : 0-d float64 array
@@ -223,19 +284,32 @@ class QueryState:
     @staticmethod
     def width(d_v: int, d_head: int, with_k: bool) -> int:
         """Number of stacked columns ``W``."""
-        return d_v + (d_head + d_v * d_head if with_k else 0)
+        return (1 + d_v) * (1 + d_head) if with_k else d_v
+
+    @property
+    def grid(self):
+        """``data`` as ``(..., k, 1 + d_v, 1 + d_head)`` (``(..., k, d_v, 1)`` without ``with_k``), or None."""
+        return _grid(self.data, 1 + self.d_v if self.with_k else self.d_v)
 
     @property
     def r_g(self):
-        return None if self.data is None else self.data[..., :self.d_v]
+        if self.data is None:
+            return None
+        return self.grid[..., 1:, 0] if self.with_k else self.data
 
     @property
     def r_q(self):
-        return self.data[..., self.d_v:self.d_v + self.d_head] if self.with_k and self.data is not None else None
+        return self.grid[..., 0, 1:] if self.with_k and self.data is not None else None
 
     @property
     def t_q(self):
-        return self.data[..., self.d_v + self.d_head:] if self.with_k and self.data is not None else None
+        return self.grid[..., 1:, 1:] if self.with_k and self.data is not None else None
+
+    def stacked(self, with_k: bool):
+        """``data`` in the layout for ``with_k`` (dropping ``R_Q``, ``T_Q`` if present and not wanted)."""
+        if self.data is None or (with_k and not self.with_k):
+            raise ValueError("these query states lack what dK or dV needs")
+        return self.data if with_k == self.with_k else self.r_g
 
     def __add__(self, other: QueryState) -> QueryState:
         if (self.d_v, self.d_head, self.with_k, self.data is None, self.loss is None) != (
@@ -248,7 +322,12 @@ class QueryState:
 
 
 class _Features:
-    """The feature map of one polynomial on one side, in one compute dtype (scales placed once)."""
+    """The feature map of one polynomial on one side, in one compute dtype (scales placed once).
+
+    Called, it gives the scaled features; :meth:`rows` gives the plain monomials ``z^a`` of a block (the
+    passes apply the per-feature ``scale`` to their ``k x W`` states instead: one pass over ``Lb x k``
+    fewer per block).
+    """
 
     def __init__(self, xp, d: int, choice: PolyChoice, side: str, dtype):
         self.table = monomial_table(d, choice.degree)
@@ -261,12 +340,16 @@ class _Features:
         return self.table.k
 
     def __call__(self, z):
-        return monomial_features(z, self.table, self.scale)
+        return monomial_features(z, self.table, self.scale, self.xp)
 
     def rows(self, a, lo, hi, factor=None):
-        """Rows ``lo:hi`` of ``a`` in the compute dtype, and the features of those rows times ``factor``."""
+        """Rows ``lo:hi`` of ``a`` in the compute dtype, and the plain monomials of those rows times ``factor``."""
         z = self.xp.astype(a[..., lo:hi, :], self.dtype, copy=False)
-        return z, self(z if factor is None else factor * z)
+        return z, monomial_features(z if factor is None else factor * z, self.table, None, self.xp)
+
+    def scaled(self, states):
+        """``diag(scale) states`` for ``states (..., k, W)``."""
+        return self.scale[:, None] * states
 
 
 def _mask_column(xp, mask, lo, hi, dtype):
@@ -274,12 +357,59 @@ def _mask_column(xp, mask, lo, hi, dtype):
     return None if mask is None else xp.astype(mask[..., lo:hi], dtype)[..., None]
 
 
+class _Columns:
+    """``[first | a]`` for the blocks ``a (..., Lb, p)`` of one pass, ``first`` a number or a ``(..., Lb, 1)``
+    column: written into one buffer, allocated at the first block's shape, instead of a concatenation per
+    block (whose allocations cost more than the copies at small ``p``). The result is a view of the buffer,
+    valid until the next call."""
+
+    def __init__(self, xp):
+        self.xp, self.buf = xp, None
+
+    def __call__(self, first, a):
+        shape = a.shape[:-1] + (1 + a.shape[-1],)
+        buf = self.buf
+        if buf is None or buf.shape[:-2] != shape[:-2] or buf.shape[-1] != shape[-1] or buf.shape[-2] < shape[-2] \
+                or buf.dtype != a.dtype:
+            buf = self.buf = backend.empty(shape, a.dtype, self.xp)
+        out = buf[..., :shape[-2], :]
+        out[..., 0:1] = first
+        out[..., 1:] = a
+        return out
+
+
+def _rebuilt(feat: _Features, k, key_mask, blocks):
+    """``(lo, hi, monomials)`` of the key blocks, masked keys zeroed, built one block at a time."""
+    for lo, hi in blocks:
+        _, psi = feat.rows(k, lo, hi)
+        m = _mask_column(feat.xp, key_mask, lo, hi, feat.dtype)
+        yield lo, hi, (psi if m is None else psi * m)
+
+
+def key_rhs(xp, vb, kb, with_k: bool, cols=None):
+    """The right-hand side of pass 1 for a block: ``V' (x) K'`` (``[1 | V]`` and ``[1 | K]``, or ``[1]``),
+    shape ``(..., Lb, KeyState.width)``. ``cols``: two :class:`_Columns` buffers of the pass."""
+    cv, ck = (_Columns(xp), _Columns(xp)) if cols is None else cols
+    v1 = cv(1.0, vb)
+    return kron_rows(v1, ck(1.0, kb), xp) if with_k else v1
+
+
+def query_rhs(xp, g, r, qb, with_k: bool, cols=None):
+    """The right-hand side of pass 2's query sums for a block (before the ``1 / D`` row scaling):
+    ``[r | G] (x) [1 | Q]`` with ``with_k``, else ``G``. ``cols``: two :class:`_Columns` buffers of the pass."""
+    if not with_k:
+        return g
+    cg, cq = (_Columns(xp), _Columns(xp)) if cols is None else cols
+    return kron_rows(cg(r, g), cq(1.0, qb), xp)
+
+
 def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, compute_dtype=None,
              budget: int = DEFAULT_BUDGET) -> KeyState:
     """Pass 1: the sums over the keys of ``k (..., L, d_head)``, ``v (..., L, d_v)`` (any shard of them).
 
     ``need`` containing ``"q"`` adds ``S_K`` and ``T_K``. ``compute_dtype`` (default ``k.dtype``) is the dtype
-    of the features and states. Cost ``O(L k W)`` time, ``O(budget + k W)`` memory (see :class:`KeyState`).
+    of the features and states. One GEMM ``Psi_b^T (V'_b (x) K'_b)`` per block. Cost ``O(L k W)`` time,
+    ``O(budget + k W)`` memory (see :class:`KeyState`).
     """
     xp = backend.namespace(k, v)
     dtype = k.dtype if compute_dtype is None else compute_dtype
@@ -288,22 +418,15 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     feat = _Features(xp, d_head, choice, "key", dtype)
     width = KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k, width), dtype=dtype)
-    ones = None
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
-        kb, psi = feat.rows(k, lo, hi)
-        vb = xp.astype(v[..., lo:hi, :], dtype, copy=False)
-        if ones is None or ones.shape[-2] != hi - lo:
-            ones = xp.ones(lead + (hi - lo, 1), dtype=dtype)
-        parts = [ones, vb] + ([kb, kron_rows(vb, kb)] if with_k else [])
-        m = _mask_column(xp, key_mask, lo, hi, dtype)
-        if m is not None:
-            psi = psi * m
-        data += psi.mT @ xp.concat(parts, axis=-1)
+    cols = (_Columns(xp), _Columns(xp))
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, _pass_blocks(xp, k, L, lead, feat.k, width, dtype, budget)):
+        kb, vb = (xp.astype(a[..., lo:hi, :], dtype, copy=False) for a in (k, v))
+        data += psi.mT @ key_rhs(xp, vb, kb, with_k, cols)
     if key_mask is None:
         count = xp.full(lead, float(L), dtype=xp.float64)
     else:
         count = xp.broadcast_to(xp.sum(xp.astype(key_mask, xp.float64), axis=-1), lead)
-    return KeyState(count, data, d_v, d_head, with_k)
+    return KeyState(count, feat.scaled(data), d_v, d_head, with_k)
 
 
 def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_output=None, query_mask=None,
@@ -330,7 +453,9 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     -------
     (rows, state)
         ``rows``: dict with ``"o"`` (``(..., L, d_v)``) and, with ``G`` and ``"q"`` needed, ``"dq"``;
-        ``state``: :class:`QueryState` (its ``worst`` also in output-only mode). Cost ``O(L k W)`` time,
+        ``state``: :class:`QueryState` (its ``worst`` also in output-only mode). One GEMM
+        ``Phi_b [[z, S_K], [S_V, T_K]]`` per block for ``D``, ``O~`` and ``dQ`` (``dQ = beta / D [-r | G] .
+        [S_K; T_K]`` row by row), one more for the query sums. Cost ``O(L k W)`` time,
         ``O(budget + k W + L (d_v + d_head))`` memory.
     """
     if y is not None and grad_output is not None:
@@ -347,33 +472,28 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     with_state = bool(need & {"k", "v"})
     with_k = "k" in need
     feat = _Features(xp, d_head, choice, "query", dtype)
+    key_states = feat.scaled(keys.data)  # the query scales, once, on k x W
     kw = keys.data.shape[-1]
-    width = kw + (QueryState.width(d_v, d_head, with_k) if with_state else 0)
+    qw = QueryState.width(d_v, d_head, with_k)
+    width = kw + (qw if with_state else 0)
     rows = {"o": backend.empty(lead + (L, d_v), out_dtype, xp)}
     if "q" in need:
         rows["dq"] = backend.empty(lead + (L, d_head), out_dtype, xp)
-    data = xp.zeros(lead + (feat.k, QueryState.width(d_v, d_head, with_k)), dtype=dtype) if with_state else None
+    data = xp.zeros(lead + (feat.k, qw), dtype=dtype) if with_state else None
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
-    worst = xp.asarray(math.inf, dtype=xp.float64)
-    count = keys.count[..., None, None]  # lead + (1, 1)
-    lower = count * choice.min_value
-    has_keys = count > 0
-    s0, s1 = 1 + d_v, 1 + d_v + d_head
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
+    min_den = xp.full(lead + (1, 1), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
+    cols = (_Columns(xp), _Columns(xp), _Columns(xp))
+    for lo, hi in _pass_blocks(xp, q, L, lead, feat.k, width, dtype, budget):
         qb, phi = feat.rows(q, lo, hi, beta)
-        x = phi @ keys.data  # [..., Lb, W]: D and the unnormalised O~, U S_K, U T_K
-        den = x[..., 0:1]
-        real = has_keys
-        m = None
-        if query_mask is not None:
-            m = query_mask[..., lo:hi, None]
-            real = xp.logical_and(real, m)
-        ratio = xp.where(real, xp.astype(den, xp.float64) / xp.where(has_keys, lower, 1.0), math.inf)
-        worst = xp.minimum(worst, xp.min(ratio)) if ratio.size else worst
+        x = _grid(phi @ key_states, 1 + d_v, xp)  # [..., Lb, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
+        den = x[..., 0, 0:1]  # [..., Lb, 1]
+        m = None if query_mask is None else query_mask[..., lo:hi, None]
+        min_den = xp.minimum(min_den, xp.min(den if m is None else xp.where(m, den, math.inf), axis=-2,
+                                             keepdims=True))
         if softmax_one:
             den = den + 1.0
         winv = 1.0 / xp.where(den == 0, 1.0, den)  # den = 0 only where no key: the output there is 0
-        o = x[..., 1:s0] * winv
+        o = x[..., 1:, 0] * winv
         if m is not None:
             o = xp.where(m, o, 0.0)
         rows["o"][..., lo:hi, :] = xp.astype(o, out_dtype, copy=False)
@@ -385,15 +505,18 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         if m is not None:
             g = xp.where(m, g, 0.0)
         if loss is not None:
-            loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
-        r = xp.sum(g * o, axis=-1, keepdims=True)  # [..., Lb, 1]
+            loss = loss + 0.5 * xp.sum(g * g, dtype=xp.float64)
+        r = row_sums(g * o, xp)  # [..., Lb, 1]
         if "q" in need:
-            dq = beta * (winv * (kron_apply(x[..., s1:], g) - r * x[..., s0:s1]))
+            dq = kron_apply(x[..., 1:], cols[2](-r, g), xp) * (beta * winv)
             rows["dq"][..., lo:hi, :] = xp.astype(dq, out_dtype, copy=False)
         if with_state:
-            parts = [g] + ([r * qb, kron_rows(g, qb)] if with_k else [])
-            data += phi.mT @ (xp.concat(parts, axis=-1) * winv)
-    return rows, QueryState(data, loss, worst, d_v, d_head, with_k)
+            data += phi.mT @ (query_rhs(xp, g, r, qb, with_k, cols[:2]) * winv)
+    # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
+    count = keys.count[..., None, None]
+    ratio = xp.where(count > 0, xp.astype(min_den, xp.float64) / xp.where(count > 0, count, 1.0), math.inf)
+    worst = xp.min(ratio) / choice.min_value if ratio.size else xp.asarray(math.inf, dtype=xp.float64)
+    return rows, QueryState(None if data is None else feat.scaled(data), loss, worst, d_v, d_head, with_k)
 
 
 def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=("k", "v"), key_mask=None,
@@ -401,9 +524,10 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     """Pass 3: the ``dK`` and ``dV`` rows of the keys ``k (..., L, d_head)``, ``v (..., L, d_v)`` (any shard),
     given the query states summed over every query that attends to them.
 
-    Returns a dict with ``"dk"`` (``queries.with_k`` required) and/or ``"dv"`` as ``need`` asks, in
-    ``out_dtype`` (default ``k.dtype``); masked keys get zero rows. Cost ``O(L k W)`` time, ``O(budget)``
-    extra memory.
+    One GEMM ``Psi_b [[U^T r, R_Q], [R_G, T_Q]]`` per block: ``dV`` is its ``R_G`` part and
+    ``dK = beta [-1 | V] . [R_Q; T_Q]`` row by row. Returns a dict with ``"dk"`` (``queries.with_k``
+    required) and/or ``"dv"`` as ``need`` asks, in ``out_dtype`` (default ``k.dtype``); masked keys get zero
+    rows. Cost ``O(L k W)`` time, ``O(budget)`` extra memory.
     """
     need = set(need) & {"k", "v"}
     if queries.data is None or ("k" in need and not queries.with_k):
@@ -413,21 +537,19 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     out_dtype = k.dtype if out_dtype is None else out_dtype
     lead, (L, d_head), d_v = k.shape[:-2], k.shape[-2:], v.shape[-1]
     feat = _Features(xp, d_head, choice, "key", dtype)
-    width = queries.data.shape[-1]
+    query_states = feat.scaled(queries.data)
+    rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
-    s0, s1 = d_v, d_v + d_head
-    for lo, hi in _blocks(L, block_rows(L, math.prod(lead), feat.k, width, xp.finfo(dtype).bits // 8, budget)):
-        _, psi = feat.rows(k, lo, hi)
-        m = _mask_column(xp, key_mask, lo, hi, dtype)
-        if m is not None:
-            psi = psi * m
-        x = psi @ queries.data  # [..., Lb, W]
+    blocks = _pass_blocks(xp, k, L, lead, feat.k, queries.data.shape[-1], dtype, budget)
+    cols = _Columns(xp)
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
+        x = _grid(psi @ query_states, rows_of_grid, xp)  # [..., Lb, rows, cols]
         if "v" in need:
-            out["dv"][..., lo:hi, :] = xp.astype(x[..., :s0], out_dtype, copy=False)
+            dv = x[..., 1:, 0] if queries.with_k else x[..., 0]
+            out["dv"][..., lo:hi, :] = xp.astype(dv, out_dtype, copy=False)
         if "k" in need:
             vb = xp.astype(v[..., lo:hi, :], dtype, copy=False)
-            dk = beta * (kron_apply(x[..., s1:], vb) - x[..., s0:s1])
-            out["dk"][..., lo:hi, :] = xp.astype(dk, out_dtype, copy=False)
+            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], cols(-1.0, vb), xp), out_dtype, copy=False)
     return out
 
 
@@ -461,10 +583,10 @@ def check_extreme_pairs(qs, k, choice: PolyChoice, *, query_mask=None, key_mask=
         return a if m is None else xp.where(m, a, fill)
 
     n = xp.arange(q2.shape[0])
-    i_star = xp.argmax(masked(xp.sum(q2 * q2, axis=-1), mq, -1.0), axis=-1)  # [n]
-    j_star = xp.argmax(masked(xp.sum(k2 * k2, axis=-1), mk, -1.0), axis=-1)
-    j_opp = xp.argmin(masked(xp.sum(q2[n, i_star][:, None, :] * k2, axis=-1), mk, math.inf), axis=-1)
-    i_opp = xp.argmin(masked(xp.sum(q2 * k2[n, j_star][:, None, :], axis=-1), mq, math.inf), axis=-1)
+    i_star = xp.argmax(masked(row_sums(q2 * q2)[..., 0], mq, -1.0), axis=-1)  # [n]
+    j_star = xp.argmax(masked(row_sums(k2 * k2)[..., 0], mk, -1.0), axis=-1)
+    j_opp = xp.argmin(masked((k2 @ q2[n, i_star][:, :, None])[..., 0], mk, math.inf), axis=-1)
+    i_opp = xp.argmin(masked((q2 @ k2[n, j_star][:, :, None])[..., 0], mq, math.inf), axis=-1)
     rows = xp.concat([i_star, i_star, i_opp])
     cols = xp.concat([j_star, j_opp, j_star])
     nn = xp.concat([n, n, n])

@@ -175,6 +175,7 @@ def _peak_bytes(L, degree):
     finally:
         tracemalloc.stop()
     assert all(np.isfinite(a).all() for a in out)
+    assert peak <= causal.peak_bytes(1, L, choice.features(4), 4, 4, 8)  # the estimate the budget plans with
     return peak
 
 

@@ -96,8 +96,28 @@ def test_sharded_passes_equal_one_call():
     _assert_close(np.concatenate([p[0]["dq"] for p in parts], axis=-2), want[1], "dq")
     for i, t in ((2, "dk"), (3, "dv")):
         _assert_close(np.concatenate([gr[t] for gr in grads], axis=-2), want[i], t)
-    # the views name the stacked columns
-    assert key_state.t_k.shape == (2, 2, 35, 12) and query_state.r_q.shape == (2, 2, 35, 3)
+
+
+
+def test_state_views_are_the_documented_sums():
+    """KeyState.z/s_v/s_k/t_k and QueryState.r_g/r_q/t_q against the sums written out with the features."""
+    q, k, v, _, g, beta, _, _ = _inputs(7, 30)
+    choice = measure("chebyshev", 3, 1.5)
+    psi = chain._Features(np, 3, choice, "key", np.float64)(k)
+    phi = chain._Features(np, 3, choice, "query", np.float64)(beta * q)
+    keys = chain.key_pass(k, v, choice)
+    views = {"z": psi.sum(-2), "s_v": psi.mT @ v, "s_k": psi.mT @ k,
+             "t_k": np.einsum("...jf,...jc,...je->...fce", psi, v, k)}
+    for name, want in views.items():
+        assert rel_error(getattr(keys, name), want) < 1e-13, name
+    rows, queries = chain.query_pass(q, keys, beta, choice, grad_output=g)
+    u = phi / (phi @ views["z"][..., None])
+    r = np.sum(g * rows["o"], axis=-1, keepdims=True)
+    views = {"r_g": u.mT @ g, "r_q": u.mT @ (r * q), "t_q": np.einsum("...jf,...jc,...je->...fce", u, g, q)}
+    for name, want in views.items():
+        assert rel_error(getattr(queries, name), want) < 1e-13, name
+    assert rel_error(queries.stacked(False), views["r_g"]) < 1e-13
+    assert rel_error(keys.stacked(False), np.concatenate([keys.z[..., None], keys.s_v], axis=-1)) == 0
 
 
 def test_masked_keys_are_the_same_as_absent_keys():
@@ -146,9 +166,21 @@ def test_bad_arguments_are_named():
 
 
 def test_block_rows_follow_the_budget():
-    assert chain.block_rows(65536, 1, 45, 81, 4) == 65536  # small k: one block
-    rows = chain.block_rows(65536, 1, 4845, 289, 8)  # d_head 16, g 4, float64
-    assert rows * 8 * (4 * 4845 + 4 * 289) <= chain.DEFAULT_BUDGET < (rows + 1) * 8 * (4 * 4845 + 4 * 289)
+    def per_row(k, w, itemsize):
+        return itemsize * (4 * k + 4 * w)
+
+    for L, lead, k, w, itemsize in [(65536, 1, 45, 81, 4), (65536, 1, 4845, 289, 8), (65536, 8, 495, 81, 8),
+                                    (300, 1, 45, 81, 4)]:
+        for budget in (1 << 20, chain.DEFAULT_BUDGET, 1 << 34):
+            rows = chain.block_rows(L, lead, k, w, itemsize, budget)
+            assert 1 <= rows <= L
+            assert rows == min(L, chain.MIN_BLOCK_ROWS) or lead * rows * per_row(k, w, itemsize) <= budget
+            # never fewer rows than the budget and the speed floor allow
+            assert rows >= min(L, budget // (lead * per_row(k, w, itemsize)), chain.FAST_MIN_ROWS)
+    # without the cache rule (CuPy) the blocks fill the budget
+    assert chain.block_rows(65536, 1, 45, 81, 4, cache_bytes=None) == 65536
+    rows = chain.block_rows(65536, 1, 4845, 289, 8, cache_bytes=None)
+    assert rows * per_row(4845, 289, 8) <= chain.DEFAULT_BUDGET < (rows + 1) * per_row(4845, 289, 8)
     assert chain.block_rows(65536, 1, 4845, 289, 8, budget=1) == chain.MIN_BLOCK_ROWS
     assert chain.block_rows(5, 1, 4845, 289, 8, budget=1) == 5
 
@@ -174,4 +206,7 @@ def test_peak_memory_follows_the_budget_not_L_k():
     small, big = _peak(4096, budget), _peak(16384, budget)
     rows = 16384 * 4 * 8  # one (L, 4) float64 array
     assert big < 16384 * 70 * 8 / 2
+    # the estimate the feature budget (gpulora.poly.budget) plans with is an upper bound
+    assert small <= chain.peak_bytes(1, 4096, 70, 4, 4, 8, budget)
+    assert big <= chain.peak_bytes(1, 16384, 70, 4, 4, 8, budget)
     assert big - small < 12 * (rows - 4096 * 4 * 8)
