@@ -35,7 +35,7 @@ from ..grad import _check_options, _checked_poly, _with_fallback, estimate_from_
 from ..model import AdapterGrad, GradResult, Head, LoRA, check_parameters
 from . import tasks
 from .parts import check_cover, combine, tree_reduce
-from .shards import Shards, place, split
+from .shards import Shards, place, shared, split
 
 __all__ = ["MODES", "lora_grad"]
 
@@ -215,11 +215,9 @@ def _tokens_causal_poly_total(blocks, head_d, lora_d, plan_d, targets):
 def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol, causal, family):
     """Place the blocks, plan from the whole call's bound, run the mode and check the result as
     :func:`gpulora.lora_grad` does: ``(plan, (loss, grads), error_estimate)``."""
-    import dask
-
     tag = uuid.uuid4().hex[:8]
-    head_d = dask.delayed(head, name=f"gpulora-head-{tag}")
-    lora_d = dask.delayed(lora, name=f"gpulora-lora-{tag}")
+    head_d = shared(head, client, f"gpulora-head-{tag}")
+    lora_d = shared(lora, client, f"gpulora-lora-{tag}")
     blocks = place(sh, client)
     bound, means = _bound(blocks, head_d, lora_d, head.beta, client)
     group = max(h1 - h0 for h0, h1 in lay.heads)
@@ -235,7 +233,7 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
             graph, cover = _tokens_exact_total(sh, blocks, head_d, lora_d, causal)
         else:
             build = _tokens_causal_poly_total if causal else _tokens_poly_total
-            plan_d = dask.delayed(p, name=f"gpulora-plan-{tag}")
+            plan_d = shared(p, client, f"gpulora-plan-{tag}")
             graph, cover = build(blocks, head_d, lora_d, plan_d, lora.targets)
         total = check_cover(_compute(client, graph), cover).values
         grads = {t: AdapterGrad(B=total[t + ".B"], A=total[t + ".A"]) for t in lora.targets}

@@ -28,7 +28,8 @@ class Part:
 
 
 def nbytes(obj) -> int:
-    """Bytes of the arrays in ``obj``: an array, a dataclass of arrays (the chain's states) or a Part.
+    """Bytes of the arrays in ``obj``: an array, a dataclass of arrays (the chain's states, the head and
+    adapters, the plan), a Part, or dicts, tuples and lists of these.
 
     Registered with ``dask.sizeof``, so the scheduler's placement and the workers' transfer logs count
     the real size of what the distributed modes ship.
@@ -39,6 +40,8 @@ def nbytes(obj) -> int:
         return sum(nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if isinstance(obj, dict):
         return sum(nbytes(a) for a in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(a) for a in obj)
     return 0
 
 
@@ -48,9 +51,11 @@ def _register_sizeof():
     except ImportError:  # without the dask extra: lora_grad says so when called
         return
 
+    from ..grad import Plan
+    from ..model import Head, LoRA
     from ..poly.chain import KeyState, QueryState
 
-    for cls in (Part, KeyState, QueryState):
+    for cls in (Part, KeyState, QueryState, Head, LoRA, Plan):
         sizeof.register(cls)(nbytes)
 
 

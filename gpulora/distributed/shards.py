@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["Shards", "place", "split"]
+__all__ = ["Shards", "place", "shared", "split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,3 +193,13 @@ def place(sh: Shards, client) -> list:
             flat = [dask.delayed(pair, pure=False) for pair in flat]
     n = len(sh.token_sizes)
     return [flat[i:i + n] for i in range(0, len(flat), n)]
+
+
+def shared(obj, client, name: str):
+    """``obj`` (the head, the adapters, the plan) as a graph input that every task may use: broadcast to
+    every worker of ``client`` once (a copy on each, so a lost worker loses none), else a dask literal."""
+    import dask
+
+    if client is not None:
+        return client.scatter(obj, broadcast=True, hash=False)
+    return dask.delayed(obj, name=name)
