@@ -31,7 +31,7 @@ import uuid
 import numpy as np
 
 from .. import backend
-from ..grad import _check_options, _checked_poly, _with_fallback, estimate_from_spread, plan_for_bound
+from ..dispatch import _checked_poly, _with_fallback, check_options, estimate_from_spread, plan_for_bound
 from ..model import AdapterGrad, GradResult, Head, LoRA, check_parameters
 from . import tasks
 from .parts import check_cover, combine, tree_reduce
@@ -223,7 +223,7 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
     group = max(h1 - h0 for h0, h1 in lay.heads)
     p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
                        d_v=head.d_v, backend_name="cupy" if backend.is_cupy(sh.sample) else "numpy",
-                       degree=degree, tol=tol, causal=causal, family=family, targets=lora.targets,
+                       causal=causal, degree=degree, tol=tol, family=family, targets=lora.targets,
                        task_lead=max(sh.batch_sizes) * group, task_L=max(sh.token_sizes))
 
     def run(_, p):
@@ -240,7 +240,8 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
         return total["loss"], grads
 
     def estimate(p, residual):
-        return estimate_from_spread(p, sh.L, _spread(blocks, head_d, lora_d, means, sh.L, client), residual)
+        n_rep = head.heads // head.kv_heads
+        return estimate_from_spread(p, sh.L * n_rep, _spread(blocks, head_d, lora_d, means, sh.L, client), residual)
 
     p, out = _with_fallback(run, None, p, method)
     return _checked_poly(None, p, method, out, run, estimate=estimate)
@@ -297,7 +298,7 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
         from distributed import Client
     except ImportError as err:
         raise ImportError(f"gpulora.distributed needs the dask extra (pip install 'gpulora[dask]'): {err}") from None
-    degree, tol, causal = _check_options(method, degree, tol, causal, family)
+    degree, tol, causal, _ = check_options(method, degree, tol, causal, family)
     if not isinstance(head, Head):
         raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
     if not isinstance(lora, LoRA):
@@ -307,6 +308,9 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
         raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
     sh = split(x, y, chunks, head.d_model, head.heads * head.d_v)
     lay = choose_layout(sh, head.heads, mode, heads_per_task)
+    if head.kv_heads != head.heads and (lay.mode == "tokens" or len(lay.heads) > 1):
+        raise ValueError(f"grouped-query heads (kv_heads = {head.kv_heads} < heads = {head.heads}) run in "
+                         f"mode='batch' without heads_per_task; token shards and head groups need kv_heads = heads")
     client = _resolve_client(client)
     opts = dict(method=method, degree=degree, tol=tol, causal=causal, family=family)
     retried = ""
@@ -328,17 +332,6 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
         note += "; " + p.note
     note += retried
     log.info(note)
-    poly = p.method == "poly"
-    return GradResult(
-        loss=xp.asarray(loss_, dtype=sh.dtype),
-        grads=grads,
-        method=p.method,
-        degree=p.choice.degree if poly else None,
-        features=p.choice.features(head.d_head) if poly else None,
-        bound=p.bound,
-        family=p.choice.family if poly else None,
-        compute_dtype=str(p.compute_dtype) if poly else None,
-        note=note,
-        error_bound=p.error_bound,
-        error_estimate=est,
-    )
+    fields = p.fields(head.d_head)
+    fields["note"] = note
+    return GradResult(loss=xp.asarray(loss_, dtype=sh.dtype), grads=grads, error_estimate=est, **fields)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
-from ..adapters import Problem, adapter_grads, prepare
-from ..exact.attention import query_rows_loss_and_grads
-from ..grad import _run
+from .. import backend, dispatch
+from ..adapters import Problem, adapter_grads, prepare, projection_grads
+from ..exact.attention import attention_vjp
 from ..model import Head, LoRA
 from ..poly import causal as causal_chain
 from ..poly import chain
@@ -31,25 +30,25 @@ __all__ = [
 
 
 def row_norm_maxima(head: Head, lora: LoRA, xy):
-    """``(max_i |q_i|^2, max_j |k_j|^2, sum_j v_j)`` per (batch member, head) of the block: NumPy ``(b, H)``,
-    ``(b, H)`` and ``(b, H, d_v)`` (float64).
+    """``(max_i |q_i|^2, max_j |k_j|^2, sum_j v_j)`` per (batch member, head) of the block: NumPy
+    ``(b, H_kv, n_rep)``, ``(b, H_kv, 1)`` and ``(b, H_kv, d_v)`` (the last in float64).
 
     The bound of the whole call, ``M = beta max_(b,h) sqrt(max_i |q_i|^2 max_j |k_j|^2)``, is the max over
     token blocks of these, then the product: the same number :func:`gpulora.poly.chain.score_bound` gives.
     The sums give the mean of ``V`` that :func:`value_spread` needs.
     """
     prob = prepare(head, lora, xy[0])
-    xp = prob.xp
-    qn = xp.max(xp.sum(prob.q * prob.q, axis=-1), axis=-1)
-    kn = xp.max(xp.sum(prob.k * prob.k, axis=-1), axis=-1)
+    xp, att = prob.xp, prob.attention(False)  # grouped: q (b, H_kv, n_rep, L, d), k (b, H_kv, 1, L, d)
+    qn = xp.max(xp.sum(att.q * att.q, axis=-1), axis=-1)
+    kn = xp.max(xp.sum(att.k * att.k, axis=-1), axis=-1)
     vs = xp.sum(xp.astype(prob.v, xp.float64), axis=-2)
     return backend.to_numpy(qn), backend.to_numpy(kn), backend.to_numpy(vs)
 
 
 def value_spread(head: Head, lora: LoRA, xy, mean) -> np.ndarray:
-    """``max_j |v_j - c|^2`` per (batch member, head) of the block, NumPy ``(b, H)`` float64, for the mean
-    ``c (b, H, d_v)`` of the whole sequence (0 for Softmax_1): the spread that
-    :func:`gpulora.grad.error_estimate` bounds the output error with."""
+    """``max_j |v_j - c|^2`` per (batch member, key/value head) of the block, NumPy ``(b, H_kv)`` float64, for
+    the mean ``c (b, H_kv, d_v)`` of the whole sequence (0 for Softmax_1): the spread that
+    :func:`gpulora.dispatch.error_estimate` bounds the output error with."""
     prob = prepare(head, lora, xy[0])
     xp = prob.xp
     v = xp.astype(prob.v, xp.float64)
@@ -65,16 +64,18 @@ def head_group(head: Head, lora: LoRA, h0: int, h1: int):
     dq, dv = head.d_head, head.d_v
     qk, v = slice(h0 * dq, h1 * dq), slice(h0 * dv, h1 * dv)
     cols = {"q": qk, "k": qk, "v": v}
+    bias = {f"b_{t}": None if head.bias(t) is None else head.bias(t)[cols[t]] for t in cols}
     sub = Head(head.w_q[:, qk], head.w_k[:, qk], head.w_v[:, v], beta=head.beta, heads=h1 - h0,
-               softmax_one=head.softmax_one)
+               softmax_one=head.softmax_one, **bias)
     adapters = {t: (b, a[:, cols[t]]) for t, (b, a) in lora.adapters.items()}
     return sub, LoRA(adapters, alpha=lora.alpha), cols
 
 
-def _grad_values(lora: LoRA, prob: Problem, d_proj: dict, cols=None, widths=None) -> dict:
-    """``{"t.B": dB, "t.A": dA}``; with a head group, ``dA`` is placed in its columns of a full-width zero."""
+def _grad_values(lora: LoRA, prob: Problem, d_heads: dict, cols=None, widths=None) -> dict:
+    """``{"t.B": dB, "t.A": dA}`` from head-layout gradients ``d_heads[t] (b, H, L, d)``; with a head group,
+    ``dA`` is placed in its columns of a full-width zero."""
     out = {}
-    for t, g in adapter_grads(lora, prob, d_proj).items():
+    for t, g in adapter_grads(lora, prob, projection_grads(prob, d_heads)).items():
         out[t + ".B"] = g.B
         if cols is None:
             out[t + ".A"] = g.A
@@ -96,9 +97,10 @@ def batch_part(head: Head, lora: LoRA, xy, plan, causal: bool, cover, heads=None
         head, lora, cols = head_group(head, lora, *heads)
         y = y[..., cols["v"]]
     prob = prepare(head, lora, x, y)
-    need = lora.targets
-    loss, dq, dk, dv = _run(prob, plan, causal=causal, need=need)
-    values = {"loss": loss, **_grad_values(lora, prob, {"q": dq, "k": dk, "v": dv}, cols, widths)}
+    att = prob.attention(causal)
+    loss, _, dq, dk, dv = dispatch._vjp(att, plan, y=prob.grouped(prob.y), grad_output=None, need=lora.targets)
+    d_heads = {t: prob.ungrouped(a) for t, a in (("q", dq), ("k", dk), ("v", dv)) if t in lora.targets}
+    values = {"loss": loss, **_grad_values(lora, prob, d_heads, cols, widths)}
     return Part(frozenset([cover]), values)
 
 
@@ -122,8 +124,8 @@ def exact_rows_part(head: Head, lora: LoRA, xy, kv, row0: int, causal: bool, cov
     """
     prob = prepare(head, lora, *xy)
     need = lora.targets
-    loss, dq, dk, dv = query_rows_loss_and_grads(prob.q, kv[0], kv[1], prob.y, prob.beta, row0=row0,
-                                                 causal=causal, softmax_one=prob.softmax_one, need=need)
+    loss, _, dq, dk, dv = attention_vjp(prob.q, kv[0], kv[1], prob.beta, y=prob.y, causal=causal,
+                                        softmax_one=prob.softmax_one, need=need, row0=row0)
     values = {"loss": loss}
     if "q" in need:
         values.update(_grad_values(_only(lora, "q"), prob, {"q": dq}))
