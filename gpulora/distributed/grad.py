@@ -136,25 +136,25 @@ def _tasks(*fns):
     return tuple(dask.delayed(fn, pure=False) for fn in fns)
 
 
-def _batch_total(blocks, lay: Layout, head_d, lora_d, plan, causal):
+def _batch_total(blocks, kind, lay: Layout, head_d, lora_d, plan, causal):
     (fn,) = _tasks(tasks.batch_part)
     parts, cover = [], []
     for b, row in enumerate(blocks):
         for g in lay.heads:
             heads = None if len(lay.heads) == 1 else g
-            parts.append(fn(head_d, lora_d, row[0], plan, causal, (b, g), heads))
+            parts.append(fn(head_d, lora_d, row[0], kind, plan, causal, (b, g), heads))
             cover.append((b, g))
     return tree_reduce(parts), cover
 
 
-def _tokens_exact_total(sh: Shards, blocks, head_d, lora_d, causal):
+def _tokens_exact_total(sh: Shards, blocks, kind, head_d, lora_d, causal):
     kv, cat, rows, take, strip, kvg = _tasks(tasks.key_values, tasks.concat_kv, tasks.exact_rows_part,
                                              tasks.take_rows, tasks.without_rows, tasks.key_value_grads_part)
     offsets, sizes = sh.token_offsets, sh.token_sizes
     parts, cover = [], []
     for b, row in enumerate(blocks):
         whole = cat(*[kv(head_d, lora_d, xy) for xy in row])  # one key whose data each task receives once
-        per_row = [rows(head_d, lora_d, xy, whole, offsets[t], causal, (b, t)) for t, xy in enumerate(row)]
+        per_row = [rows(head_d, lora_d, xy, kind, whole, offsets[t], causal, (b, t)) for t, xy in enumerate(row)]
         summed = tree_reduce(per_row)
         parts.append(strip(summed))
         for t, xy in enumerate(row):
@@ -163,14 +163,14 @@ def _tokens_exact_total(sh: Shards, blocks, head_d, lora_d, causal):
     return tree_reduce(parts), cover
 
 
-def _tokens_poly_total(blocks, head_d, lora_d, plan_d, targets):
+def _tokens_poly_total(blocks, kind, head_d, lora_d, plan_d, targets):
     keys, queries, checked, loss, kvg = _tasks(tasks.key_state_part, tasks.query_state_part,
                                                tasks.checked_query_states, tasks.loss_of_queries,
                                                tasks.poly_key_grads_part)
     parts, cover = [], []
     for b, row in enumerate(blocks):
         key_total = tree_reduce([keys(head_d, lora_d, xy, plan_d, (b, t)) for t, xy in enumerate(row)])
-        query_total = tree_reduce([queries(head_d, lora_d, xy, key_total, plan_d, (b, t))
+        query_total = tree_reduce([queries(head_d, lora_d, xy, kind, key_total, plan_d, (b, t))
                                    for t, xy in enumerate(row)])
         parts.append(loss(query_total, plan_d))
         cover += [(b, t) for t in range(len(row))]
@@ -195,13 +195,13 @@ def _scan(parts: list, reverse=False) -> list:
     return out[::-1] if reverse else out
 
 
-def _tokens_causal_poly_total(blocks, head_d, lora_d, plan_d, targets):
+def _tokens_causal_poly_total(blocks, kind, head_d, lora_d, plan_d, targets):
     keys, shard, item, kvg = _tasks(tasks.key_state_part, tasks.causal_shard, tasks.item,
                                     tasks.causal_key_grads_part)
     parts, cover = [], []
     for b, row in enumerate(blocks):
         prefixes = _scan([keys(head_d, lora_d, xy, plan_d, (b, t)) for t, xy in enumerate(row)])
-        out = [shard(head_d, lora_d, xy, prefixes[t], plan_d, (b, t)) for t, xy in enumerate(row)]
+        out = [shard(head_d, lora_d, xy, kind, prefixes[t], plan_d, (b, t)) for t, xy in enumerate(row)]
         parts += [item(o, "part") for o in out]
         cover += [(b, t) for t in range(len(row))]
         if {"k", "v"} & set(targets):
@@ -212,7 +212,7 @@ def _tokens_causal_poly_total(blocks, head_d, lora_d, plan_d, targets):
     return tree_reduce(parts), cover
 
 
-def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol, causal, family):
+def _attempt(head, lora, sh: Shards, kind, lay: Layout, client, *, method, degree, tol, causal, family):
     """Place the blocks, plan from the whole call's bound, run the mode and check the result as
     :func:`gpulora.lora_grad` does: ``(plan, (loss, grads), error_estimate)``."""
     tag = uuid.uuid4().hex[:8]
@@ -228,16 +228,16 @@ def _attempt(head, lora, sh: Shards, lay: Layout, client, *, method, degree, tol
 
     def run(_, p):
         if lay.mode == "batch":
-            graph, cover = _batch_total(blocks, lay, head_d, lora_d, p, causal)
+            graph, cover = _batch_total(blocks, kind, lay, head_d, lora_d, p, causal)
         elif p.method == "exact":
-            graph, cover = _tokens_exact_total(sh, blocks, head_d, lora_d, causal)
+            graph, cover = _tokens_exact_total(sh, blocks, kind, head_d, lora_d, causal)
         else:
             build = _tokens_causal_poly_total if causal else _tokens_poly_total
             plan_d = shared(p, client, f"gpulora-plan-{tag}")
-            graph, cover = build(blocks, head_d, lora_d, plan_d, lora.targets)
+            graph, cover = build(blocks, kind, head_d, lora_d, plan_d, lora.targets)
         total = check_cover(_compute(client, graph), cover).values
         grads = {t: AdapterGrad(B=total[t + ".B"], A=total[t + ".A"]) for t in lora.targets}
-        return total["loss"], grads
+        return total.get("loss"), grads
 
     def estimate(p, residual):
         n_rep = head.heads // head.kv_heads
@@ -256,8 +256,8 @@ def _lost_inputs(err, sh: Shards, client) -> bool:
     return isinstance(err, FutureCancelledError)
 
 
-def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degree=None, tol=None, causal=False,
-              family=None, chunks=None, mode="auto", heads_per_task=None) -> GradResult:
+def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, client=None, method="auto", degree=None,
+              tol=None, causal=False, family=None, chunks=None, mode="auto", heads_per_task=None) -> GradResult:
     """Loss and adapter gradients of :func:`gpulora.lora_grad`, computed by Dask workers.
 
     Parameters
@@ -267,8 +267,11 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     x : dask array, or NumPy/CuPy array, of shape (L, d_model) or (batch, L, d_model)
         Dask: chunked over batch and/or tokens (one block along ``d_model``, else re-chunked); its blocks
         may be NumPy or CuPy (dask-cuda). NumPy/CuPy: cut by ``chunks``.
-    y : same kind as ``x``, shape (L, H d_v) or (batch, L, H d_v)
-        Dask: re-chunked to ``x``'s leading blocks if they differ.
+    y : same kind as ``x``, shape (L, H d_v) or (batch, L, H d_v), optional
+        Targets. Dask: re-chunked to ``x``'s leading blocks if they differ.
+    grad_output : same kind and shape as ``y``, optional
+        The upstream gradient ``dloss/dO`` instead of ``y`` (exactly one of the two), cut like ``x``;
+        ``GradResult.loss`` is then None.
     client : distributed.Client, optional
         Scheduler; default: the current default client, else dask's local threads.
     chunks : None, int or tuple
@@ -306,7 +309,10 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     check_parameters(head, lora)  # B and A are usually updated in place between calls
     if client is not None and not isinstance(client, Client):
         raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
-    sh = split(x, y, chunks, head.d_model, head.heads * head.d_v)
+    if (y is None) == (grad_output is None):
+        raise TypeError("give exactly one of y (targets) and grad_output (an upstream gradient dO)")
+    kind = "y" if y is not None else "grad_output"
+    sh = split(x, y if y is not None else grad_output, chunks, head.d_model, head.heads * head.d_v, kind)
     lay = choose_layout(sh, head.heads, mode, heads_per_task)
     if head.kv_heads != head.heads and (lay.mode == "tokens" or len(lay.heads) > 1):
         raise ValueError(f"grouped-query heads (kv_heads = {head.kv_heads} < heads = {head.heads}) run in "
@@ -315,14 +321,14 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     opts = dict(method=method, degree=degree, tol=tol, causal=causal, family=family)
     retried = ""
     try:
-        p, (loss_, grads), est = _attempt(head, lora, sh, lay, client, **opts)
+        p, (loss_, grads), est = _attempt(head, lora, sh, kind, lay, client, **opts)
     except Exception as err:
         if not _lost_inputs(err, sh, client):
             raise
         # scattered NumPy/CuPy blocks have no lineage: a worker that died took its shards with it
         retried = f"; retried once: {type(err).__name__} (input blocks lost with a worker)"
         log.warning("gpulora.distributed: input blocks lost with a worker (%r); scattering again", err)
-        p, (loss_, grads), est = _attempt(head, lora, sh, lay, client, **opts)
+        p, (loss_, grads), est = _attempt(head, lora, sh, kind, lay, client, **opts)
     xp = backend.namespace(sh.sample)
     kind = lay.mode if lay.mode == "batch" else f"tokens-{p.method}{'-causal' if causal else ''}"
     note = f"distributed {kind}: {lay.why}"
@@ -334,4 +340,5 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, client=None, method="auto", degre
     log.info(note)
     fields = p.fields(head.d_head)
     fields["note"] = note
-    return GradResult(loss=xp.asarray(loss_, dtype=sh.dtype), grads=grads, error_estimate=est, **fields)
+    loss_ = None if loss_ is None else xp.asarray(loss_, dtype=sh.dtype)
+    return GradResult(loss=loss_, grads=grads, error_estimate=est, **fields)

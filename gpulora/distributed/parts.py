@@ -51,7 +51,7 @@ def _register_sizeof():
     except ImportError:  # without the dask extra: lora_grad says so when called
         return
 
-    from ..grad import Plan
+    from ..dispatch import Plan
     from ..model import Head, LoRA
     from ..poly.chain import KeyState, QueryState
 

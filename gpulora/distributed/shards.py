@@ -70,21 +70,22 @@ def _axis_sizes(name: str, spec, n: int, axis: str) -> tuple[int, ...]:
     raise TypeError(f"{name}: each axis must be an int block size, a tuple of block sizes, or None; got {spec!r}")
 
 
-def _check_leading(name, x, y):
+def _check_leading(x, y, y_name):
     from ..validation import check_real_array
 
-    check_real_array(name, x, ndim=(2, 3), finite=False)
+    check_real_array("x", x, ndim=(2, 3), finite=False)
     if y is not None:
-        check_real_array("y", y, ndim=(2, 3), finite=False)
+        check_real_array(y_name, y, ndim=(2, 3), finite=False)
 
 
-def split(x, y, chunks, d_model: int, d_y: int) -> Shards:
+def split(x, y, chunks, d_model: int, d_y: int, y_name: str = "y") -> Shards:
     """Cut ``x`` (and ``y``) into shards.
 
     Parameters
     ----------
     x : dask array, or NumPy/CuPy array, of shape (L, d_model) or (batch, L, d_model)
     y : same kind, shape (L, H d_v) or (batch, L, H d_v), or None
+        The targets, or the upstream gradient (``y_name = "grad_output"``): cut like ``x``.
     chunks : None, int, or tuple
         For NumPy/CuPy input: block sizes of the leading axes, dask style, ``(batch, tokens)`` for a 3-D
         ``x`` and ``(tokens,)`` or an int for a 2-D one; each entry an int block size (the last block takes
@@ -101,7 +102,7 @@ def split(x, y, chunks, d_model: int, d_y: int) -> Shards:
     """
     dask_x = _is_dask(x)
     if y is not None and _is_dask(y) != dask_x:
-        raise TypeError("x and y must both be dask arrays or both NumPy/CuPy arrays")
+        raise TypeError(f"x and {y_name} must both be dask arrays or both NumPy/CuPy arrays")
     if x.ndim not in (2, 3):
         raise ValueError(f"x must have 2 or 3 dimensions, got shape {tuple(x.shape)}")
     batched = x.ndim == 3
@@ -109,7 +110,8 @@ def split(x, y, chunks, d_model: int, d_y: int) -> Shards:
         raise ValueError(f"x must have d_model = {d_model} columns (rows of w_q), got shape {tuple(x.shape)}")
     want_y = tuple(x.shape[:-1]) + (d_y,)
     if y is not None and tuple(y.shape) != want_y:
-        raise ValueError(f"y must have shape {want_y} (x's leading shape, then heads * d_v), got {tuple(y.shape)}")
+        raise ValueError(f"{y_name} must have shape {want_y} (x's leading shape, then heads * d_v), got "
+                         f"{tuple(y.shape)}")
     if x.shape[-2] < 1 or (batched and x.shape[0] < 1):
         raise ValueError(f"x must have at least one token and one batch member, got shape {tuple(x.shape)}")
     rechunked = []
@@ -122,11 +124,11 @@ def split(x, y, chunks, d_model: int, d_y: int) -> Shards:
             rechunked.append("x re-chunked to one block along d_model")
         if y is not None and (y.chunks[:-1] != x.chunks[:-1] or len(y.chunks[-1]) > 1):
             y = y.rechunk(x.chunks[:-1] + (-1,))
-            rechunked.append("y re-chunked to x's blocks")
+            rechunked.append(f"{y_name} re-chunked to x's blocks")
         lead = x.chunks[:-1]
         sample = x._meta
     else:
-        _check_leading("x", x, y)
+        _check_leading(x, y, y_name)
         if chunks is None:
             spec = (None,) * (x.ndim - 1)
         elif isinstance(chunks, int) and not isinstance(chunks, bool):

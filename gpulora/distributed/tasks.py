@@ -29,6 +29,16 @@ __all__ = [
 ]
 
 
+def _problem(head: Head, lora: LoRA, xy, kind: str) -> Problem:
+    """The block's problem with its upstream array as ``kind`` (``"y"``: targets, ``"grad_output"``: dO)."""
+    return prepare(head, lora, xy[0], **{kind: xy[1]})
+
+
+def _with_loss(values: dict, loss) -> dict:
+    """``values`` plus ``"loss"`` when there is one (None with an upstream gradient)."""
+    return values if loss is None else {"loss": loss, **values}
+
+
 def row_norm_maxima(head: Head, lora: LoRA, xy):
     """``(max_i |q_i|^2, max_j |k_j|^2, sum_j v_j)`` per (batch member, head) of the block: NumPy
     ``(b, H_kv, n_rep)``, ``(b, H_kv, 1)`` and ``(b, H_kv, d_v)`` (the last in float64).
@@ -86,7 +96,7 @@ def _grad_values(lora: LoRA, prob: Problem, d_heads: dict, cols=None, widths=Non
     return out
 
 
-def batch_part(head: Head, lora: LoRA, xy, plan, causal: bool, cover, heads=None) -> Part:
+def batch_part(head: Head, lora: LoRA, xy, kind: str, plan, causal: bool, cover, heads=None) -> Part:
     """Loss and adapter gradients of whole sequences ``x (b, L, d_model)``, with the call's ``plan``
     (same method, polynomial and compute dtype as a single-process call), for all heads or the heads
     ``h0 .. h1 - 1`` given in ``heads``. Cost: that of :func:`gpulora.lora_grad` on the block."""
@@ -96,11 +106,12 @@ def batch_part(head: Head, lora: LoRA, xy, plan, causal: bool, cover, heads=None
         widths = {t: head.weight(t).shape[1] for t in lora.targets}
         head, lora, cols = head_group(head, lora, *heads)
         y = y[..., cols["v"]]
-    prob = prepare(head, lora, x, y)
+    prob = _problem(head, lora, (x, y), kind)
     att = prob.attention(causal)
-    loss, _, dq, dk, dv = dispatch._vjp(att, plan, y=prob.grouped(prob.y), grad_output=None, need=lora.targets)
+    loss, _, dq, dk, dv = dispatch._vjp(att, plan, y=prob.grouped(prob.y),
+                                        grad_output=prob.grouped(prob.grad_output), need=lora.targets)
     d_heads = {t: prob.ungrouped(a) for t, a in (("q", dq), ("k", dk), ("v", dv)) if t in lora.targets}
-    values = {"loss": loss, **_grad_values(lora, prob, d_heads, cols, widths)}
+    values = _with_loss(_grad_values(lora, prob, d_heads, cols, widths), loss)
     return Part(frozenset([cover]), values)
 
 
@@ -116,17 +127,17 @@ def key_values(head: Head, lora: LoRA, xy):
     return prob.k, prob.v
 
 
-def exact_rows_part(head: Head, lora: LoRA, xy, kv, row0: int, causal: bool, cover) -> Part:
+def exact_rows_part(head: Head, lora: LoRA, xy, kind: str, kv, row0: int, causal: bool, cover) -> Part:
     """Token-sharded exact: the query rows of one shard against all keys ``kv = (K, V)``.
 
     Returns the shard's loss, its ``q`` adapter gradients (complete for its rows), and partial ``dK``,
     ``dV`` over the whole sequence (``"dk"``, ``"dv"``), to be summed over the shards of the sequence.
     """
-    prob = prepare(head, lora, *xy)
+    prob = _problem(head, lora, xy, kind)
     need = lora.targets
-    loss, _, dq, dk, dv = attention_vjp(prob.q, kv[0], kv[1], prob.beta, y=prob.y, causal=causal,
-                                        softmax_one=prob.softmax_one, need=need, row0=row0)
-    values = {"loss": loss}
+    loss, _, dq, dk, dv = attention_vjp(prob.q, kv[0], kv[1], prob.beta, y=prob.y, grad_output=prob.grad_output,
+                                        causal=causal, softmax_one=prob.softmax_one, need=need, row0=row0)
+    values = _with_loss({}, loss)
     if "q" in need:
         values.update(_grad_values(_only(lora, "q"), prob, {"q": dq}))
     for name, a in (("dk", dk), ("dv", dv)):
@@ -167,18 +178,18 @@ def key_state_part(head: Head, lora: LoRA, xy, plan, cover) -> Part:
     return Part(frozenset([cover]), {"keys": keys})
 
 
-def query_state_part(head: Head, lora: LoRA, xy, keys: Part, plan, cover) -> Part:
+def query_state_part(head: Head, lora: LoRA, xy, kind: str, keys: Part, plan, cover) -> Part:
     """Token-sharded poly, pass 2: with the key states summed over the whole sequence, the block's ``q``
     adapter gradients (its ``dQ`` rows are complete) and its query states
     (:func:`gpulora.poly.chain.query_pass`: ``U^T G``, ``U^T (r Q)``, ``T_Q``, the loss, the normaliser
     ratio). Also checks the rounding of the features at the block's own extreme rows."""
-    prob = prepare(head, lora, *xy)
+    prob = _problem(head, lora, xy, kind)
     xp, dtype = prob.xp, plan.compute_dtype
     chain.check_extreme_pairs(prob.beta * xp.astype(prob.q, dtype, copy=False),
                               xp.astype(prob.k, dtype, copy=False), plan.choice)
     need = lora.targets
     rows, state = chain.query_pass(prob.q, keys.values["keys"], prob.beta, plan.choice, y=prob.y,
-                                   softmax_one=prob.softmax_one, need=need)
+                                   grad_output=prob.grad_output, softmax_one=prob.softmax_one, need=need)
     values = {"queries": state}
     if "q" in need:
         values.update(_grad_values(_only(lora, "q"), prob, {"q": rows["dq"]}))
@@ -198,8 +209,7 @@ def loss_of_queries(part: Part, plan) -> Part:
     """``part`` with its summed query states replaced by the loss they carry, after the normaliser check."""
     checked_query_states(part, plan)
     values = {n: a for n, a in part.values.items() if n != "queries"}
-    values["loss"] = part.values["queries"].loss
-    return Part(part.cover, values)
+    return Part(part.cover, _with_loss(values, part.values["queries"].loss))
 
 
 def poly_key_grads_part(head: Head, lora: LoRA, xy, queries, plan, cover) -> Part:
@@ -211,7 +221,7 @@ def poly_key_grads_part(head: Head, lora: LoRA, xy, queries, plan, cover) -> Par
     return Part(frozenset([cover]), _grad_values(lo, prob, {t: rows["d" + t] for t in lo.targets}))
 
 
-def causal_shard(head: Head, lora: LoRA, xy, prefix: Part | None, plan, cover) -> dict:
+def causal_shard(head: Head, lora: LoRA, xy, kind: str, prefix: Part | None, plan, cover) -> dict:
     """Token-sharded causal poly, pass 2: the chunked causal chain on one token block, carrying in the
     ``prefix`` key states of every earlier block (:func:`gpulora.poly.causal.chunked_loss_and_grads`).
 
@@ -220,13 +230,13 @@ def causal_shard(head: Head, lora: LoRA, xy, prefix: Part | None, plan, cover) -
     worker for :func:`causal_key_grads_part`); ``"queries"``, a Part with the block's own query states
     (the suffix of the earlier blocks). Raises ``PolynomialFailure`` from the block's run-time checks.
     """
-    prob = prepare(head, lora, *xy)
+    prob = _problem(head, lora, xy, kind)
     need = lora.targets
     keys = None if prefix is None else prefix.values["keys"]
     loss, dq, dk, dv, (_, queries) = causal_chain.chunked_loss_and_grads(
         prob.q, prob.k, prob.v, prob.y, prob.beta, plan.choice, plan.compute_dtype, softmax_one=prob.softmax_one,
-        need=need, prefix=keys, return_states=True)
-    values = {"loss": loss}
+        need=need, grad_output=prob.grad_output, prefix=keys, return_states=True)
+    values = _with_loss({}, loss)
     if "q" in need:
         values.update(_grad_values(_only(lora, "q"), prob, {"q": dq}))
     return {"part": Part(frozenset([cover]), values), "rows": {"dk": dk, "dv": dv},
