@@ -217,6 +217,9 @@ def load_model(model: str | os.PathLike, *, dtype="float64"):
                           f"{_first_line(err)}") from None
     except Exception as err:
         raise SurveyError(f"{str(path)!r}: the weights cannot be loaded ({_first_line(err)})") from None
+    if not hasattr(net.config, "num_attention_heads") or not hasattr(net.config, "num_hidden_layers"):
+        raise SurveyError(f"{config.model_type!r} models are not supported by the survey: it needs a text "
+                          f"model with attention layers (num_attention_heads, num_hidden_layers)")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:
@@ -254,16 +257,18 @@ def _register_capture() -> None:
 
 
 def _token_batch(tok, texts: Sequence[str], L: int):
-    """Token ids ``(len(texts), L)``: each text's tokens repeated to fill ``L``, inside the special tokens."""
+    """Token ids ``(len(texts), L)``: each text's tokens repeated to fill ``L``, inside the special tokens
+    the tokenizer adds (found by tokenising the text with and without them)."""
     rows = []
     for text in texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise SurveyError("text must contain at least one token")
-        n_special = len(tok.build_inputs_with_special_tokens([]))
-        body = (ids * (L // len(ids) + 1))[: max(L - n_special, 1)]
-        full = tok.build_inputs_with_special_tokens(body)[:L]
-        rows.append(full)
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        full = tok(text)["input_ids"]
+        if not body:
+            raise SurveyError("each text must contain at least one token")
+        at = next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), None)
+        prefix, suffix = (full[:at], full[at + len(body):]) if at is not None else ([], [])
+        n = max(L - len(prefix) - len(suffix), 1)
+        rows.append((prefix + (body * (n // len(body) + 1))[:n] + suffix)[:L])
     return np.array(rows, dtype=np.int64)
 
 
@@ -275,7 +280,11 @@ def _capture_states(net, ids: np.ndarray):
     _captured = []
     try:
         with torch.no_grad():
-            net(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long))
+            try:
+                net(input_ids=torch.as_tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long))
+            except (TypeError, ValueError) as err:
+                raise SurveyError(f"{type(net).__name__} is not supported by the survey: it does not run on "
+                                  f"token ids ({_first_line(err)})") from None
         layers = _captured
     finally:
         _captured = None
@@ -339,16 +348,39 @@ def _change(s, v, valid, ref, bound, max_abs):
     return float(np.linalg.norm(scaled - ref) / denom), float(np.linalg.norm(clipped - ref) / denom)
 
 
-def _plan(bound, L, d_head, d_v, tol, dtype):
-    """What ``method="auto"`` runs at this bound (the rule of :func:`gpulora.grad.plan`) and both costs."""
-    t_exact = cost.exact_seconds(L, d_head, d_v)
-    try:
-        choice, compute = choose(bound, tol=tol, dtype=dtype)
-    except ValueError:
-        return None, None, "exact", t_exact, None
-    k = choice.features(d_head)
-    t_poly = cost.poly_seconds(L, d_head, d_v, k, float64_features=np.dtype(compute) != np.dtype(dtype))
-    return choice, compute, ("poly" if t_poly < t_exact else "exact"), t_exact, t_poly
+def head_problem(q, k, v, beta, dtype):
+    """A gpulora ``Head``, ``LoRA`` and input ``x`` whose adapted projections are exactly ``q, k, v``.
+
+    ``x = [q | k | v]`` and identity-block weights, with zero-``B`` adapters on q, k, v (a fresh LoRA): so
+    ``gpulora.lora_grad(head, lora, x, y, method="auto")`` decides on, and runs, this very head.
+    """
+    from .model import Head, LoRA
+
+    d, dv = q.shape[-1], v.shape[-1]
+    n = 2 * d + dv
+    eye = np.eye(n, dtype=dtype)
+    w_q, w_k, w_v = eye[:, :d], eye[:, d:2 * d], eye[:, 2 * d:]
+    lora = LoRA({t: (np.zeros((n, 1), dtype=dtype), np.ones((1, w.shape[1]), dtype=dtype))
+                 for t, w in zip("qkv", (w_q, w_k, w_v))}, alpha=1.0)
+    x = np.concatenate([q, k, v], axis=-1).astype(dtype)
+    return Head(w_q, w_k, w_v, beta=beta), lora, x
+
+
+def _plan(q, k, v, beta, tol, dtype, causal):
+    """What ``method="auto"`` of :func:`gpulora.lora_grad` decides for this head (its own planner) and the
+    estimated cost of both methods."""
+    from .adapters import prepare
+    from .grad import plan
+
+    head, lora, x = head_problem(q, k, v, beta, dtype)
+    p = plan(prepare(head, lora, x), "auto", tol=tol, causal=causal, targets=lora.targets)
+    L, d_head, d_v = q.shape[-2], q.shape[-1], v.shape[-1]
+    t_exact = cost.exact_seconds(L, d_head, d_v, causal=causal)
+    t_poly = None
+    if p.choice is not None:
+        t_poly = cost.poly_seconds(L, d_head, d_v, p.choice.features(d_head), causal=causal,
+                                   float64_features=np.dtype(p.compute_dtype) != np.dtype(dtype))
+    return p.choice, p.compute_dtype, p.method, t_exact, t_poly
 
 
 def _head_records(state, layer, L, tol, dtype):
@@ -373,7 +405,7 @@ def _head_records(state, layer, L, tol, dtype):
         ref = _softmax_out(s, vh, valid)
         ch32 = _change(s, vh, valid, ref, served["float32"], max_abs)
         ch64 = _change(s, vh, valid, ref, served["float64"], max_abs)
-        choice, compute, method, t_exact, t_poly = _plan(bound, L, d_head, d_v, tol, dtype)
+        choice, compute, method, t_exact, t_poly = _plan(q[:, h], k[:, h], v[:, h], beta, tol, dtype, causal)
         thr, log_L = cost.log_threshold(L), math.log(max(L, 2))
         records.append(HeadRecord(
             layer=layer, head=h, L=L, d_head=d_head, beta=beta, bound=bound, max_score=max_abs,
@@ -458,14 +490,22 @@ def survey(model="all-MiniLM-L6-v2", *, texts: Sequence[str] | None = None, leng
 
 # ----------------------------------------------------------------------------------------------- plot
 def regions(d_head: int, d_v: int, tol: float, dtype, bounds, lengths) -> np.ndarray:
-    """The phase diagram's regions on a ``(len(bounds), len(lengths))`` grid, by :mod:`gpulora.cost` and
-    :func:`gpulora.poly.coefficients.choose`: 0 = poly cheaper, 1 = exact cheaper, 2 = no polynomial meets
-    ``tol`` (past the transition)."""
+    """The phase diagram's regions on a ``(len(bounds), len(lengths))`` grid, from the polynomial choice
+    (:func:`gpulora.poly.coefficients.choose`) and the cost model (:mod:`gpulora.cost`), as ``method="auto"``
+    decides them: 0 = poly cheaper, 1 = exact cheaper, 2 = no polynomial meets ``tol`` (past the transition)."""
     out = np.empty((len(bounds), len(lengths)), dtype=np.int8)
     for i, m in enumerate(bounds):
+        try:
+            choice, compute = choose(float(m), tol=tol, dtype=np.dtype(dtype))
+        except ValueError:
+            out[i] = 2
+            continue
+        k = choice.features(d_head)
+        up = np.dtype(compute) != np.dtype(dtype)
         for j, L in enumerate(lengths):
-            choice, _, method, _, _ = _plan(float(m), int(L), d_head, d_v, tol, np.dtype(dtype))
-            out[i, j] = 2 if choice is None else (0 if method == "poly" else 1)
+            cheaper = cost.poly_seconds(int(L), d_head, d_v, k, float64_features=up) < cost.exact_seconds(
+                int(L), d_head, d_v)
+            out[i, j] = 0 if cheaper else 1
     return out
 
 
@@ -487,7 +527,7 @@ def _plot(res: SurveyResult, path) -> None:
     top = max(64.0, ms.max() * 1.5)
     bounds = np.geomspace(0.05, top, 140)
     reg = regions(res.d_head, d_v, res.tol, "float32", bounds, lengths)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw=dict(width_ratios=(1.25, 1)))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), width_ratios=(1.25, 1), layout="constrained")
     cmap = ListedColormap(["#cfe8cf", "#dfe3f0", "#f3d6d6"])
     ax.pcolormesh(lengths, bounds, reg, cmap=cmap, vmin=0, vmax=2, shading="auto")
     ax.plot(lengths, np.sqrt(np.log(lengths)), "k--", lw=1.2, label="sqrt(log L)")
@@ -509,7 +549,7 @@ def _plot(res: SurveyResult, path) -> None:
     handles, labels = ax.get_legend_handles_labels()
     handles += [Patch(color=cmap(i)) for i in range(3)]
     labels += ["poly cheaper", "exact cheaper", "no polynomial meets tol"]
-    ax.legend(handles, labels, fontsize=7, loc="upper left", ncol=2)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     # right: max|S| per layer, one box per length
     for i, L in enumerate(res.lengths):
         data = [ms[(layers == layer) & (Ls == L)] for layer in range(res.layers)]
@@ -527,6 +567,42 @@ def _plot(res: SurveyResult, path) -> None:
     bx.set_ylabel("max |S| per head")
     bx.set_title("max |S| per layer against the thresholds", fontsize=10)
     bx.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    """The options of ``python -m gpulora survey`` (see :func:`command`)."""
+    p.add_argument("model", help=f"a local Hugging Face model folder, or a packaged model: {', '.join(PACKAGED_MODELS)}")
+    p.add_argument("--text", metavar="FILE", help="text file; paragraphs (blank-line separated) are the texts "
+                                                  "(default: an embedded English sample)")
+    p.add_argument("--lengths", default="128,512", help="comma-separated sequence lengths (default 128,512)")
+    p.add_argument("--tol", type=float, default=None, help=f"target relative error (default {DEFAULT_TOL:g})")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="input dtype of a LoRA run")
+    p.add_argument("--out", metavar="PREFIX", help="write PREFIX.csv (a row per head and length) and PREFIX.png")
+
+
+def command(args) -> int:
+    """Run ``python -m gpulora survey``: a progress bar over layers, the summary table, the CSV and PNG."""
+    try:
+        lengths = tuple(int(t) for t in args.lengths.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    texts = None
+    if args.text is not None:
+        try:
+            raw = Path(args.text).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SurveyError(f"{args.text!r} is not a UTF-8 text file") from None
+        texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
+        if not texts:
+            raise SurveyError(f"{args.text!r} holds no text")
+    res = survey(args.model, texts=texts, lengths=lengths, tol=args.tol, dtype=args.dtype,
+                 progress=os.isatty(2))
+    print(res.summary(), flush=True)
+    if args.out:
+        res.write_csv(f"{args.out}.csv")
+        res.plot(f"{args.out}.png")
+        print(f"wrote {args.out}.csv and {args.out}.png")
+    return 0
