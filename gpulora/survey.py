@@ -30,7 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import cost
+from .poly.budget import check_budget, poly_bytes
 from .poly.coefficients import DEFAULT_TOL, choose
+from .poly.monomials import feature_dim
 from .validation import check_tol
 
 __all__ = [
@@ -302,21 +304,32 @@ def _capture_states(net, ids: np.ndarray):
 
 
 # ----------------------------------------------------------------------------------------------- measures
-def largest_served_bound(d_head: int, tol: float, dtype) -> float:
+def largest_served_bound(d_head: int, L: int, tol: float, dtype) -> float:
     """The largest bound ``M`` (on a log grid of ``[0.01, 64]``) up to which every smaller grid point is
-    served by the polynomial method at ``tol`` computing in ``dtype`` (no upcast); 0 when none is."""
-    return _served(int(d_head), float(tol), np.dtype(dtype).name)
+    served by the polynomial method at ``tol`` computing in ``dtype`` (no upcast) within the feature budget
+    (:mod:`gpulora.poly.budget`) for one head of ``L`` tokens; 0 when none is."""
+    return _served(int(d_head), int(L), float(tol), np.dtype(dtype).name)
+
+
+def _poly_fits(m, d_head, L, tol, dtype):
+    """``(choice, compute_dtype)`` of the polynomial ``tol`` needs at bound ``m`` within the feature budget
+    for one head of ``L`` tokens (``d_v = d_head``), else ``None``."""
+    try:
+        choice, compute = choose(float(m), tol=tol, dtype=np.dtype(dtype))
+        k = feature_dim(d_head, choice.degree)
+        check_budget(d_head, choice.degree,
+                     nbytes=poly_bytes(1, L, k, d_head, d_head, np.dtype(compute).itemsize))
+    except ValueError:  # no polynomial meets tol, or FeatureBudgetError
+        return None
+    return choice, compute
 
 
 @functools.lru_cache(maxsize=256)
-def _served(d_head, tol, dtype) -> float:
+def _served(d_head, L, tol, dtype) -> float:
     best = 0.0
     for m in _SERVE_GRID:
-        try:
-            _, compute = choose(float(m), tol=tol, dtype=np.dtype(dtype))
-        except ValueError:
-            break
-        if np.dtype(compute) != np.dtype(dtype):
+        fit = _poly_fits(m, d_head, L, tol, dtype)
+        if fit is None or np.dtype(fit[1]) != np.dtype(dtype):
             break
         best = float(m)
     return best
@@ -390,7 +403,7 @@ def _head_records(state, layer, L, tol, dtype):
     if causal:
         valid = np.tril(valid)
     d_head, d_v = q.shape[-1], v.shape[-1]
-    served = {dt: largest_served_bound(d_head, tol, dt) for dt in ("float32", "float64")}
+    served = {dt: largest_served_bound(d_head, L, tol, dt) for dt in ("float32", "float64")}
     records = []
     for h in range(q.shape[1]):
         worst, bound = None, 0.0
@@ -490,19 +503,17 @@ def survey(model="all-MiniLM-L6-v2", *, texts: Sequence[str] | None = None, leng
 
 # ----------------------------------------------------------------------------------------------- plot
 def regions(d_head: int, d_v: int, tol: float, dtype, bounds, lengths) -> np.ndarray:
-    """The phase diagram's regions on a ``(len(bounds), len(lengths))`` grid, from the polynomial choice
-    (:func:`gpulora.poly.coefficients.choose`) and the cost model (:mod:`gpulora.cost`), as ``method="auto"``
-    decides them: 0 = poly cheaper, 1 = exact cheaper, 2 = no polynomial meets ``tol`` (past the transition)."""
+    """The phase diagram's regions on a ``(len(bounds), len(lengths))`` grid, as ``method="auto"`` decides
+    them from the polynomial choice, the feature budget and the cost model (:mod:`gpulora.cost`):
+    0 = poly cheaper, 1 = exact cheaper, 2 = no polynomial meets ``tol`` within the budget."""
     out = np.empty((len(bounds), len(lengths)), dtype=np.int8)
     for i, m in enumerate(bounds):
-        try:
-            choice, compute = choose(float(m), tol=tol, dtype=np.dtype(dtype))
-        except ValueError:
-            out[i] = 2
-            continue
-        k = choice.features(d_head)
-        up = np.dtype(compute) != np.dtype(dtype)
         for j, L in enumerate(lengths):
+            fit = _poly_fits(m, d_head, int(L), tol, dtype)
+            if fit is None:
+                out[i, j] = 2
+                continue
+            k, up = fit[0].features(d_head), np.dtype(fit[1]) != np.dtype(dtype)
             cheaper = cost.poly_seconds(int(L), d_head, d_v, k, float64_features=up) < cost.exact_seconds(
                 int(L), d_head, d_v)
             out[i, j] = 0 if cheaper else 1
@@ -548,7 +559,7 @@ def _plot(res: SurveyResult, path) -> None:
 
     handles, labels = ax.get_legend_handles_labels()
     handles += [Patch(color=cmap(i)) for i in range(3)]
-    labels += ["poly cheaper", "exact cheaper", "no polynomial meets tol"]
+    labels += ["poly cheaper", "exact cheaper", "no polynomial within tol and budget"]
     ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     # right: max|S| per layer, one box per length
     for i, L in enumerate(res.lengths):

@@ -145,7 +145,7 @@ def test_recommendation_is_what_auto_runs(llama_folder):
 
 def test_output_change_and_served_bounds(bert_folder):
     res = survey(bert_folder, texts=TEXTS, lengths=(32,))
-    b32, b64 = largest_served_bound(8, res.tol, "float32"), largest_served_bound(8, res.tol, "float64")
+    b32, b64 = (largest_served_bound(8, 32, res.tol, dt) for dt in ("float32", "float64"))
     assert 0 < b32 <= b64  # float32 rounding serves no more than float64
     for r in res.records:
         assert (r.served_bound_float32, r.served_bound_float64) == (b32, b64)
