@@ -242,20 +242,27 @@ _captured: list | None = None
 
 @functools.lru_cache(maxsize=1)
 def _register_capture() -> None:
-    """Register the capturing attention function once: it records the states, then runs SDPA."""
+    """Register the capturing attention once: it records each layer's states, key mask and causality as
+    gpulora's Hugging Face bridge (:mod:`gpulora.hf_attention`) reads them, then runs that bridge (exact)."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from . import torch_attention
+    from .hf_attention import attention_forward, key_mask_from_hf
+
+    def capture(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         if _captured is not None:
-            causal = kwargs.get("is_causal")
-            causal = getattr(module, "is_causal", False) if causal is None else causal
-            _captured.append(dict(query=query.detach(), key=key.detach(), value=value.detach(),
-                                  scaling=scaling, causal=bool(causal) and query.shape[2] > 1))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            key_mask, causal = key_mask_from_hf(attention_mask, causal=causal, batch=query.shape[0],
+                                                q_len=query.shape[2], kv_len=key.shape[2])
+            _captured.append(dict(query=query.detach(), key=key.detach(), value=value.detach(), scaling=scaling,
+                                  causal=causal, key_mask=None if key_mask is None else key_mask.cpu().numpy()))
+        with torch_attention.options(method="exact"):
+            return attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     is_causal=is_causal, **kwargs)
 
     AttentionInterface.register(_CAPTURE, capture)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
 
 
 def _token_batch(tok, texts: Sequence[str], L: int):
@@ -299,7 +306,8 @@ def _capture_states(net, ids: np.ndarray):
         groups = q.shape[1] // k.shape[1]
         k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)  # GQA: each query head's keys
         beta = c["scaling"] if c["scaling"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        out.append(dict(q=q, k=k, v=v, beta=float(beta), causal=c["causal"], kv_heads=c["key"].shape[1]))
+        out.append(dict(q=q, k=k, v=v, beta=float(beta), causal=c["causal"], kv_heads=c["key"].shape[1],
+                        key_mask=c["key_mask"]))
     return out
 
 
@@ -383,10 +391,10 @@ def _plan(q, k, v, beta, tol, dtype, causal):
     """What ``method="auto"`` of :func:`gpulora.lora_grad` decides for this head (its own planner) and the
     estimated cost of both methods."""
     from .adapters import prepare
-    from .grad import plan
+    from .dispatch import plan
 
     head, lora, x = head_problem(q, k, v, beta, dtype)
-    p = plan(prepare(head, lora, x), "auto", tol=tol, causal=causal, targets=lora.targets)
+    p = plan(prepare(head, lora, x).attention(causal), "auto", tol=tol, targets=lora.targets)
     L, d_head, d_v = q.shape[-2], q.shape[-1], v.shape[-1]
     t_exact = cost.exact_seconds(L, d_head, d_v, causal=causal)
     t_poly = None
@@ -396,28 +404,35 @@ def _plan(q, k, v, beta, tol, dtype, causal):
     return p.choice, p.compute_dtype, p.method, t_exact, t_poly
 
 
+def _valid_pairs(state, b):
+    """Boolean ``(L, L)``: the (query, key) pairs text ``b`` attends (padding and ``j > i`` when causal out)."""
+    L = state["q"].shape[-2]
+    keep = np.ones(L, dtype=bool) if state["key_mask"] is None else state["key_mask"][b]
+    valid = keep[:, None] & keep[None, :]
+    return np.tril(valid) if state["causal"] else valid
+
+
 def _head_records(state, layer, L, tol, dtype):
     q, k, v, beta, causal = state["q"], state["k"], state["v"], state["beta"], state["causal"]
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    valid = np.ones((n_q, n_k), dtype=bool)
-    if causal:
-        valid = np.tril(valid)
-    d_head, d_v = q.shape[-1], v.shape[-1]
+    d_head = q.shape[-1]
     served = {dt: largest_served_bound(d_head, L, tol, dt) for dt in ("float32", "float64")}
+    valid = [_valid_pairs(state, b) for b in range(q.shape[0])]
     records = []
     for h in range(q.shape[1]):
         worst, bound = None, 0.0
         for b in range(q.shape[0]):  # worst case over the texts
             qh, kh, vh = q[b, h], k[b, h], v[b, h]
+            rows = valid[b].any(axis=1)
             s = beta * (qh @ kh.T)
-            a = np.abs(s[valid])
-            bound = max(bound, beta * math.sqrt(float(np.max(np.sum(qh * qh, -1)) * np.max(np.sum(kh * kh, -1)))))
+            a = np.abs(s[valid[b]])
+            bound = max(bound, beta * math.sqrt(float(np.max(np.sum(qh[rows] ** 2, -1)) *
+                                                      np.max(np.sum(kh[valid[b].any(axis=0)] ** 2, -1)))))
             if worst is None or a.max() > worst[0]:
-                worst = (float(a.max()), np.percentile(a, _PERCENTILES), s, vh)
-        max_abs, pct, s, vh = worst
-        ref = _softmax_out(s, vh, valid)
-        ch32 = _change(s, vh, valid, ref, served["float32"], max_abs)
-        ch64 = _change(s, vh, valid, ref, served["float64"], max_abs)
+                worst = (float(a.max()), np.percentile(a, _PERCENTILES), s[rows], vh, valid[b][rows])
+        max_abs, pct, s, vh, ok = worst
+        ref = _softmax_out(s, vh, ok)
+        ch32 = _change(s, vh, ok, ref, served["float32"], max_abs)
+        ch64 = _change(s, vh, ok, ref, served["float64"], max_abs)
         choice, compute, method, t_exact, t_poly = _plan(q[:, h], k[:, h], v[:, h], beta, tol, dtype, causal)
         thr, log_L = cost.log_threshold(L), math.log(max(L, 2))
         records.append(HeadRecord(
