@@ -344,12 +344,17 @@ class _Features:
 
     def rows(self, a, lo, hi, factor=None):
         """Rows ``lo:hi`` of ``a`` in the compute dtype, and the plain monomials of those rows times ``factor``."""
-        z = self.xp.astype(a[..., lo:hi, :], self.dtype, copy=False)
+        z = _cast(self.xp, a[..., lo:hi, :], self.dtype)
         return z, monomial_features(z if factor is None else factor * z, self.table, None, self.xp)
 
     def scaled(self, states):
         """``diag(scale) states`` for ``states (..., k, W)``."""
         return self.scale[:, None] * states
+
+
+def _cast(xp, a, dtype):
+    """``a`` in ``dtype``: itself when it already is (the namespace's ``astype`` costs microseconds per block)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
 def _mask_column(xp, mask, lo, hi, dtype):
@@ -420,7 +425,7 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     data = xp.zeros(lead + (feat.k, width), dtype=dtype)
     cols = (_Columns(xp), _Columns(xp))
     for lo, hi, psi in _rebuilt(feat, k, key_mask, _pass_blocks(xp, k, L, lead, feat.k, width, dtype, budget)):
-        kb, vb = (xp.astype(a[..., lo:hi, :], dtype, copy=False) for a in (k, v))
+        kb, vb = _cast(xp, k[..., lo:hi, :], dtype), _cast(xp, v[..., lo:hi, :], dtype)
         data += psi.mT @ key_rhs(xp, vb, kb, with_k, cols)
     if key_mask is None:
         count = xp.full(lead, float(L), dtype=xp.float64)
@@ -496,10 +501,10 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         o = x[..., 1:, 0] * winv
         if m is not None:
             o = xp.where(m, o, 0.0)
-        rows["o"][..., lo:hi, :] = xp.astype(o, out_dtype, copy=False)
+        rows["o"][..., lo:hi, :] = _cast(xp, o, out_dtype)
         if not grad:
             continue
-        g = xp.astype(target[..., lo:hi, :], dtype, copy=False)
+        g = _cast(xp, target[..., lo:hi, :], dtype)
         if y is not None:
             g = o - g
         if m is not None:
@@ -509,7 +514,7 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         r = row_sums(g * o, xp)  # [..., Lb, 1]
         if "q" in need:
             dq = kron_apply(x[..., 1:], cols[2](-r, g), xp) * (beta * winv)
-            rows["dq"][..., lo:hi, :] = xp.astype(dq, out_dtype, copy=False)
+            rows["dq"][..., lo:hi, :] = _cast(xp, dq, out_dtype)
         if with_state:
             data += phi.mT @ (query_rhs(xp, g, r, qb, with_k, cols[:2]) * winv)
     # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
@@ -546,10 +551,10 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
         x = _grid(psi @ query_states, rows_of_grid, xp)  # [..., Lb, rows, cols]
         if "v" in need:
             dv = x[..., 1:, 0] if queries.with_k else x[..., 0]
-            out["dv"][..., lo:hi, :] = xp.astype(dv, out_dtype, copy=False)
+            out["dv"][..., lo:hi, :] = _cast(xp, dv, out_dtype)
         if "k" in need:
-            vb = xp.astype(v[..., lo:hi, :], dtype, copy=False)
-            out["dk"][..., lo:hi, :] = xp.astype(beta * kron_apply(x[..., 1:], cols(-1.0, vb), xp), out_dtype, copy=False)
+            dk = beta * kron_apply(x[..., 1:], cols(-1.0, _cast(xp, v[..., lo:hi, :], dtype)), xp)
+            out["dk"][..., lo:hi, :] = _cast(xp, dk, out_dtype)
     return out
 
 
