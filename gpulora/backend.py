@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "empty",
+    "multiply_into",
     "has_cuda",
     "is_cupy",
     "namespace",
@@ -51,6 +52,19 @@ def namespace(*arrays):
     if len(kinds) > 1:
         raise TypeError("all arrays of one call must come from the same library, got NumPy and CuPy mixed")
     return array_api_compat.array_namespace(*arrays)
+
+
+def multiply_into(out, a, b) -> None:
+    """``out[...] = a * b`` in one pass, without a temporary: the ufunc's ``out=`` on NumPy and CuPy (not
+    in the array API), the assignment elsewhere. ``out`` may alias ``a`` or ``b`` element for element."""
+    if isinstance(out, np.ndarray):
+        np.multiply(a, b, out=out)
+    elif is_cupy(out):
+        import cupy
+
+        cupy.multiply(a, b, out=out)
+    else:
+        out[...] = a * b
 
 
 def to_numpy(x) -> np.ndarray:

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "traceback of user errors too.")
     parser.add_argument("--version", action="version", version=f"gpulora {__version__}")
     _debug_option(parser, default=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,phase,diagnose}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,phase,diagnose,survey}",
                                 parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="exact vs poly on an embedded problem: time, error, speedup, diagnosis",
@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="refuse files whose arrays declare more bytes than this, checked from their "
                            "headers before loading (default %(default)s = 2 GiB)")
     _common(diag, dtype=False)
+
+    from . import survey
+
+    survey.add_arguments(sub.add_parser(
+        "survey", help="every attention head of a Hugging Face model on the phase diagram: table, CSV, PNG",
+        description="Run a local Hugging Face model (or a packaged one) offline on text at --lengths and "
+        "place every layer's every head on the phase diagram (see gpulora.survey)."))
     return parser
 
 
@@ -348,6 +355,10 @@ def main(argv=None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "survey":
+            from .survey import command
+
+            return command(args)
         return {"demo": _demo, "phase": _phase, "diagnose": _diagnose}[args.command](args)
     except BrokenPipeError:  # output piped into e.g. head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,6 +3,7 @@ their comments say, the demo block is what ``python -m gpulora demo --backend nu
 other numbers follow from the code. (The phase figure, CSV and boundary sentence: tests/test_docs.py.)"""
 
 import math
+import importlib.util
 import pathlib
 import re
 
@@ -33,7 +34,9 @@ def _blocks(text, lang):
 
 
 def _python_blocks(gpu):
-    return [b for b in _blocks(README, "python") if ("import cupy" in b) == gpu]
+    """The runnable examples: NumPy ones (``gpu=False``) or the single-GPU CuPy one; the multi-GPU
+    dask-cuda example needs several GPUs and is only compiled (:func:`test_multi_gpu_example_compiles`)."""
+    return [b for b in _blocks(README, "python") if ("import cupy" in b) == gpu and "dask_cuda" not in b]
 
 
 def test_quick_start_has_exactly_the_two_commands():
@@ -73,6 +76,8 @@ def test_images_and_links_have_absolute_urls_of_committed_files():
 def test_numpy_examples_run_and_print_what_their_comments_say(tmp_path, monkeypatch, capsys):
     blocks = _python_blocks(gpu=False)
     assert len(blocks) >= 2
+    if importlib.util.find_spec("distributed") is None:  # the dask extra is optional
+        blocks = [b for b in blocks if "gpulora.distributed" not in b]
     monkeypatch.chdir(tmp_path)  # the np.savez example writes problem.npz
     namespace = {}
     for code in blocks:  # in order, one namespace: later snippets use the objects of the first
@@ -89,7 +94,7 @@ def test_numpy_examples_run_and_print_what_their_comments_say(tmp_path, monkeypa
 def test_cupy_example_runs(capsys):
     if not backend.has_cuda():
         pytest.skip("the CuPy example needs a CUDA device (none found)")
-    (code,) = _python_blocks(gpu=True)
+    (code,) = [b for b in _python_blocks(gpu=True) if "dask_cuda" not in b]  # multi-GPU: compiled only
     exec(compile(code, "README.md", "exec"), {})
     assert "poly" in capsys.readouterr().out
 
@@ -178,3 +183,8 @@ def test_numbers_in_the_prose_follow_from_the_code():
              (128, 2): 8385, (32, 5): 435897}
     for (d, g), k in table.items():
         assert math.comb(d + g, g) == k and str(k) in README
+
+
+def test_multi_gpu_example_compiles():
+    (code,) = [b for b in _blocks(README, "python") if "dask_cuda" in b]
+    compile(code, "README.md", "exec")
