@@ -358,7 +358,8 @@ def main(argv=None) -> int:
         if args.command == "survey":
             from .survey import command
 
-            return command(args)
+            with _rejected_values():  # SurveyError and gpulora's rejections of the user's values
+                return command(args)
         return {"demo": _demo, "phase": _phase, "diagnose": _diagnose}[args.command](args)
     except BrokenPipeError:  # output piped into e.g. head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
