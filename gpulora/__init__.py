@@ -2,7 +2,8 @@
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
 :func:`loss`, :func:`diagnose`, :func:`poly_features`, and the subpackage :mod:`gpulora.kernels`
-(Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or CuPy, float32 or float64.
+(Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy, CuPy or any other array-API-standard
+arrays, float32 or float64.
 """
 
 from .diagnose import Diagnosis as Diagnosis

@@ -74,7 +74,7 @@ def prepare(head: Head, lora: LoRA, x, y=None) -> Problem:
                 f"w_{t} of shape {tuple(head.weight(t).shape)}, got B {tuple(b.shape)} and A {tuple(a.shape)}"
             )
     dtype = x.dtype
-    x3 = x if batched else x[None]
+    x3 = x if batched else x[None, ...]
 
     def project(t):
         w = xp.astype(head.weight(t), dtype, copy=False)
@@ -86,7 +86,7 @@ def prepare(head: Head, lora: LoRA, x, y=None) -> Problem:
     q, k, v = (project(t) for t in TARGETS)
     y4 = None
     if y is not None:
-        y4 = _split_heads(xp, xp.astype(y if batched else y[None], dtype, copy=False), head.heads)
+        y4 = _split_heads(xp, xp.astype(y if batched else y[None, ...], dtype, copy=False), head.heads)
     return Problem(xp, x3, q, k, v, y4, head.beta, head.softmax_one, batched)
 
 
@@ -113,4 +113,4 @@ def adapter_grads(lora: LoRA, prob: Problem, d_proj: dict) -> dict:
 def output_layout(prob: Problem, o):
     """``o (batch, H, L, d_v)`` back to the caller's layout ``(L, H d_v)`` or ``(batch, L, H d_v)``."""
     merged = _merge_heads(prob.xp, o)
-    return merged if prob.batched else merged[0]
+    return merged if prob.batched else merged[0, ...]

@@ -1,10 +1,15 @@
 """Everything about array backends that the array API does not cover, in one place.
 
-gpulora's array code is written once against the array API (``xp = namespace(...)`` at the top of a
-function, then only ``xp.*`` and operators), and runs on NumPy and CuPy alike. This module holds the few
-backend-specific leftovers: the namespace probe (without importing CuPy), host reads, synchronisation,
-and :func:`empty`, the one allocator of uninitialised memory, which tests switch to fill with NaN so an
-element a kernel forgot to write fails loudly.
+gpulora's array code is written once against the array API standard (``xp = namespace(...)`` at the top
+of a function, then only ``xp.*`` and operators), and runs on NumPy, CuPy and any other library that
+follows the standard (``array_api_strict``, the standard's minimum, in the tests; PyTorch through
+``array_api_compat``). This module holds the few backend-specific leftovers: the namespace probe (without
+importing CuPy), dtype conversion between NumPy (host-side planning) and the namespace, host reads,
+synchronisation, and :func:`empty`, the one allocator of uninitialised memory, which tests switch to fill
+with NaN so an element a kernel forgot to write fails loudly.
+
+Every host read of array data in the library goes through :func:`to_numpy` or :func:`to_float` (or
+Python's ``bool()`` of a 0-d array in :mod:`gpulora.validation`); on CuPy each is one synchronisation.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 
 __all__ = [
     "empty",
+    "host_dtype",
+    "namespace_dtype",
     "has_cuda",
     "is_cupy",
     "namespace",
@@ -36,28 +43,60 @@ def is_cupy(x) -> bool:
 
 
 def namespace(*arrays):
-    """The array-API namespace shared by ``arrays`` (NumPy or CuPy).
+    """The array-API namespace shared by ``arrays`` (NumPy, CuPy, or any array-API-standard library).
 
     Raises
     ------
     TypeError
-        If the arrays come from different libraries, or from one that gpulora does not support.
+        If an argument is not an array, or the arrays come from different libraries.
     """
-    kinds = {"cupy" if is_cupy(a) else "numpy" if isinstance(a, np.ndarray) else type(a).__module__
-             for a in arrays}
-    unknown = kinds - {"numpy", "cupy"}
-    if unknown:
-        raise TypeError(f"arrays must be NumPy or CuPy arrays, got arrays from {sorted(unknown)}")
-    if len(kinds) > 1:
-        raise TypeError("all arrays of one call must come from the same library, got NumPy and CuPy mixed")
-    return array_api_compat.array_namespace(*arrays)
+    for a in arrays:
+        if not array_api_compat.is_array_api_obj(a) or isinstance(a, (np.generic, bool, int, float, complex)):
+            raise TypeError(f"expected arrays that follow the array API standard (NumPy, CuPy, ...), got "
+                            f"{type(a).__name__}")
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError:
+        kinds = sorted({type(a).__module__.split(".")[0] for a in arrays})
+        raise TypeError(f"all arrays of one call must come from the same library, got {' and '.join(kinds)} "
+                        "mixed") from None
+
+
+_DTYPE_NAMES = ("float32", "float64", "float16", "complex64", "complex128", "bool",
+                "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def host_dtype(x) -> np.dtype:
+    """The NumPy dtype that corresponds to the dtype of array ``x`` (the host side plans in NumPy dtypes).
+
+    Raises ``TypeError`` for a dtype outside the standard's numeric and boolean dtypes.
+    """
+    if isinstance(x, np.ndarray) or is_cupy(x):
+        return np.dtype(x.dtype)
+    xp = namespace(x)
+    for name in _DTYPE_NAMES:
+        if x.dtype == getattr(xp, name, None):
+            return np.dtype(name)
+    raise TypeError(f"dtype {x.dtype} has no NumPy equivalent")
+
+
+def namespace_dtype(xp, dtype):
+    """``xp``'s dtype object for the NumPy dtype (or dtype name) ``dtype``: ``getattr(xp, name)``."""
+    return getattr(xp, np.dtype(dtype).name)
 
 
 def to_numpy(x) -> np.ndarray:
-    """A NumPy copy (CuPy, a device-to-host transfer) or view (NumPy) of ``x``."""
+    """A NumPy copy (CuPy: a device-to-host transfer) or view (NumPy, and CPU arrays through DLPack) of ``x``."""
+    if isinstance(x, np.ndarray):
+        return x
     if is_cupy(x):
         return x.get()
-    return np.asarray(x)
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, AttributeError):
+        return np.asarray(x)
 
 
 def to_float(x) -> float:

@@ -1,9 +1,14 @@
 """The public entry points: validate, plan (exact or poly, which polynomial, which precision), run, pack.
 
 Host reads, on CuPy (each one scalar or a few numbers, each a synchronisation): the finiteness check of
-every input array, the score bound ``M`` (the degree choice needs it on the host), and the poly path's two
-run-time checks (``3 * batch * H`` feature products at the extreme rows, and the smallest normaliser
-ratio). Everything else, the gradient chain included, stays on the device, on CuPy's current stream.
+``x`` and ``y`` (weights and adapters are checked once, when ``Head`` and ``LoRA`` are built), the score
+bound ``M`` (the degree choice needs it on the host), and the poly path's two run-time checks
+(``3 * batch * H`` feature products at the extreme rows, and the smallest normaliser ratio): 3 reads per
+exact call, 5 per poly call, whatever the sizes (pinned by ``tests/test_array_api.py``). Everything else,
+the gradient chain included, stays on the device, on CuPy's current stream.
+
+Arrays may come from any library that follows the array API standard (NumPy, CuPy, ``array_api_strict``,
+...); results come back in the namespace and dtype of ``x``. The Numba kernels serve CuPy arrays only.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def plan(prob, method, *, degree=None, tol=None, causal=False, family=None, targ
     bound = chain.score_bound(prob.q, prob.k, prob.beta)
     if method == "exact":
         return Plan("exact", bound)
-    dtype = np.dtype(prob.q.dtype)
+    dtype = backend.host_dtype(prob.q)
     try:
         choice, compute = choose(bound, tol=tol, degree=degree, family=family, dtype=dtype)
     except ValueError as err:
@@ -86,7 +91,8 @@ def _run(prob, p: Plan, *, causal, need):
     if p.method == "exact":
         return exact.loss_and_grads(*args, causal=causal, softmax_one=prob.softmax_one, need=need)
     impl = causal_chain if causal else chain
-    return impl.loss_and_grads(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one, need=need)
+    compute = backend.namespace_dtype(prob.xp, p.compute_dtype)
+    return impl.loss_and_grads(*args, p.choice, compute, softmax_one=prob.softmax_one, need=need)
 
 
 def _output(prob, p: Plan, *, causal):
@@ -94,7 +100,8 @@ def _output(prob, p: Plan, *, causal):
     if p.method == "exact":
         return exact.attention_output(*args, causal=causal, softmax_one=prob.softmax_one)
     impl = causal_chain if causal else chain
-    return impl.output(*args, p.choice, p.compute_dtype, softmax_one=prob.softmax_one)
+    return impl.output(*args, p.choice, backend.namespace_dtype(prob.xp, p.compute_dtype),
+                       softmax_one=prob.softmax_one)
 
 
 def _with_fallback(run, prob, p: Plan, requested: str, **kw):
@@ -119,7 +126,8 @@ def lora_grad(head: Head, lora: LoRA, x, y, *, method="auto", degree=None, tol=N
     lora : LoRA
         Adapters for a non-empty subset of ``"q"``, ``"k"``, ``"v"``.
     x : array of shape (L, d_model) or (batch, L, d_model)
-        NumPy or CuPy, float32 or float64; results come back in its namespace and dtype.
+        NumPy, CuPy or another array-API-standard array, float32 or float64; results come back in its
+        namespace and dtype.
     y : array of shape (L, H d_v) or (batch, L, H d_v)
         Targets, same leading shape as ``x``.
     method : {"auto", "exact", "poly"}

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-
 from . import backend
 
 __all__ = [
@@ -24,24 +22,26 @@ __all__ = [
 ]
 
 METHODS = ("auto", "exact", "poly")
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def check_real_array(name: str, a, *, ndim=None, min_ndim=None, finite: bool = True):
-    """Check that ``a`` is a NumPy or CuPy array of float32/float64 with the expected rank and finite values.
+    """Check that ``a`` is an array (NumPy, CuPy, or any array-API-standard library) of float32/float64 with
+    the expected rank and finite values.
 
     Returns ``a`` itself (never a copy, never modified).
     """
-    if not (isinstance(a, np.ndarray) or backend.is_cupy(a)):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if a.dtype not in _DTYPES:
+    try:
+        xp = backend.namespace(a)
+    except TypeError:
+        raise TypeError(f"{name} must be a NumPy or CuPy array (or another array API standard array), "
+                        f"got {type(a).__name__}") from None
+    if a.dtype not in (xp.float32, xp.float64):
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if ndim is not None and a.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
     if min_ndim is not None and a.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(a.shape)}")
-    if finite and a.size:
-        xp = backend.namespace(a)
+    if finite and math.prod(a.shape):
         if not bool(xp.all(xp.isfinite(a))):
             raise ValueError(f"{name} must contain only finite values (found NaN or inf)")
     return a

@@ -88,8 +88,8 @@ def _exclusive(xp, carry: dict, name: str, parts, reverse=False):
     if reverse:
         parts = xp.flip(parts, axis=1)
     total = xp.cumulative_sum(parts, axis=1)
-    states = xp.concat([xp.zeros_like(parts[:, :1]), total[:, :-1]], axis=1) + carry[name][:, None]
-    carry[name] = carry[name] + total[:, -1]
+    states = xp.concat([xp.zeros_like(parts[:, :1, ...]), total[:, :-1, ...]], axis=1) + carry[name][:, None, ...]
+    carry[name] = carry[name] + total[:, -1, ...]
     return xp.flip(states, axis=1) if reverse else states
 
 
@@ -161,13 +161,13 @@ class _Sweep:
     def unpad(self, a):
         """``(B, n, C, d)`` back to ``lead + (L, d)``."""
         xp = self.xp
-        a = xp.reshape(a, (self.B, self.n * self.C, a.shape[-1]))[:, : self.L]
+        a = xp.reshape(a, (self.B, self.n * self.C, a.shape[-1]))[:, : self.L, ...]
         return xp.reshape(a, self.lead + (self.L, a.shape[-1]))
 
     def check(self, den):
         """:func:`check_normaliser` on the real rows of ``den (B, n, C, 1)``: row ``i`` needs ``(i + 1) p_min``."""
         xp = self.xp
-        den = xp.reshape(den, (self.B, self.n * self.C))[:, : self.L]
+        den = xp.reshape(den, (self.B, self.n * self.C))[:, : self.L, ...]
         lower = xp.astype(xp.arange(1, self.L + 1), self.dtype) * self.choice.min_value
         check_normaliser(den, lower, self.choice)
 
@@ -180,16 +180,16 @@ class _Sweep:
         ``g``, ``r`` and the parts of ``dq`` (complete), ``dk`` and ``dv`` (in-chunk only) that ``need`` asks.
         """
         xp, beta = self.xp, self.beta
-        phi, psi, v = self.phi[:, c0:c1], self.psi[:, c0:c1], self.v[:, c0:c1]
+        phi, psi, v = self.phi[:, c0:c1, ...], self.psi[:, c0:c1, ...], self.v[:, c0:c1, ...]
         # [B, m, C, C]: in-chunk polynomial weights, masked to j <= i
         a = xp.where(self.tril, phi @ psi.mT, 0.0)
         z = _exclusive(xp, carry, "z", xp.sum(psi, axis=-2))  # [B, m, k]
-        den = phi @ z[..., None] + xp.sum(a, axis=-1, keepdims=True) + self.pad[c0:c1]  # [B, m, C, 1]
-        raw_den = den - self.pad[c0:c1]
+        den = phi @ z[..., None] + xp.sum(a, axis=-1, keepdims=True) + self.pad[c0:c1, ...]  # [B, m, C, 1]
+        raw_den = den - self.pad[c0:c1, ...]
         if self.softmax_one:
             den = den + 1.0
         u = phi / den
-        self.phi[:, c0:c1] = u
+        self.phi[:, c0:c1, ...] = u
         f = a / den  # [B, m, C, C]: the block of F~
         s_v = _exclusive(xp, carry, "s_v", psi.mT @ v)  # [B, m, k, d_v]
         o = u @ s_v + f @ v
@@ -201,12 +201,12 @@ class _Sweep:
         if need & {"q", "k"}:
             p = f * (g @ v.mT - r)  # [B, m, C, C]: dloss/dS on the block
         if "q" in need:
-            kk = self.k_[:, c0:c1]
+            kk = self.k_[:, c0:c1, ...]
             t_k = _exclusive(xp, carry, "t_k", psi.mT @ _kron_rows(xp, v, kk))  # [B, m, k, d_v d_head]
             s_k = _exclusive(xp, carry, "s_k", psi.mT @ kk)  # [B, m, k, d_head]
             out["dq"] = beta * (_readout(xp, u, g, t_k) - r * (u @ s_k) + p @ kk)
         if "k" in need:
-            out["dk"] = beta * (p.mT @ self.q[:, c0:c1])
+            out["dk"] = beta * (p.mT @ self.q[:, c0:c1, ...])
         if "v" in need:
             out["dv"] = f.mT @ g
         return o, raw_den, out
@@ -214,16 +214,16 @@ class _Sweep:
     def backward(self, c0, c1, carry, g, r, need):
         """One group of the backward sweep: the suffix-state parts of dK and dV (``carry`` as in forward)."""
         xp, beta = self.xp, self.beta
-        u, psi = self.phi[:, c0:c1], self.psi[:, c0:c1]
+        u, psi = self.phi[:, c0:c1, ...], self.psi[:, c0:c1, ...]
         out = {}
         if "v" in need:
             r_g = _exclusive(xp, carry, "r_g", u.mT @ g, reverse=True)  # [B, m, k, d_v]
             out["dv"] = psi @ r_g
         if "k" in need:
-            qq = self.q[:, c0:c1]
+            qq = self.q[:, c0:c1, ...]
             t_q = _exclusive(xp, carry, "t_q", u.mT @ _kron_rows(xp, g, qq), reverse=True)
             r_q = _exclusive(xp, carry, "r_q", u.mT @ (r * qq), reverse=True)  # [B, m, k, d_head]
-            out["dk"] = beta * (_readout(xp, psi, self.v[:, c0:c1], t_q) - psi @ r_q)
+            out["dk"] = beta * (_readout(xp, psi, self.v[:, c0:c1, ...], t_q) - psi @ r_q)
         return out
 
 
@@ -236,7 +236,7 @@ def chunked_output(q, k, v, beta, choice: PolyChoice, compute_dtype, *, softmax_
     den = backend.empty((sw.B, sw.n, sw.C, 1), sw.dtype, xp)
     carry = {}
     for c0, c1 in sw.groups():
-        o[:, c0:c1], den[:, c0:c1], _ = sw.forward(c0, c1, carry)
+        o[:, c0:c1, ...], den[:, c0:c1, ...], _ = sw.forward(c0, c1, carry)
     sw.check(den)
     return xp.astype(sw.unpad(o), q.dtype, copy=False)
 
@@ -256,18 +256,18 @@ def chunked_loss_and_grads(q, k, v, y, beta, choice: PolyChoice, compute_dtype, 
     loss = xp.zeros((), dtype=xp.float64)
     carry = {}
     for c0, c1 in sw.groups():
-        _, den[:, c0:c1], out = sw.forward(c0, c1, carry, yc[:, c0:c1], need)
-        g[:, c0:c1], r[:, c0:c1] = out["g"], out["r"]
+        _, den[:, c0:c1, ...], out = sw.forward(c0, c1, carry, yc[:, c0:c1, ...], need)
+        g[:, c0:c1, ...], r[:, c0:c1, ...] = out["g"], out["r"]
         loss = loss + 0.5 * xp.sum(xp.astype(out["g"], xp.float64) ** 2)
         for t in need:
-            grads[t][:, c0:c1] = out["d" + t]
+            grads[t][:, c0:c1, ...] = out["d" + t]
     sw.check(den)
     if need & {"k", "v"}:
         carry = {}
         for c0, c1 in sw.groups(reverse=True):
-            out = sw.backward(c0, c1, carry, g[:, c0:c1], r[:, c0:c1], need)
+            out = sw.backward(c0, c1, carry, g[:, c0:c1, ...], r[:, c0:c1, ...], need)
             for t, part in out.items():
-                grads[t[1]][:, c0:c1] += part
+                grads[t[1]][:, c0:c1, ...] += part
     result = [sw.unpad(grads[t]) if t in need else None for t in ("q", "k", "v")]
     return tuple(None if a is None else xp.astype(a, q.dtype, copy=False) for a in [loss] + result)
 

@@ -89,6 +89,12 @@ def features(q, k, beta, choice: PolyChoice, *, softmax_one=False):
     return phi, psi
 
 
+def _pick_rows(xp, a, n, rows):
+    """``a[n, rows, :]`` for ``a (N, L, c)`` and index arrays ``n``, ``rows``: one ``take`` of the flattened
+    rows (the array API's integer-array indexing does not mix with slices)."""
+    return xp.take(xp.reshape(a, (-1, a.shape[-1])), n * a.shape[-2] + rows, axis=0)
+
+
 def check_extreme_pairs(qs, k, phi, psi, choice: PolyChoice, factor: float = 10.0) -> None:
     """Measure the rounding of ``phi . psi`` where it is worst, and raise if it is far past the estimate.
 
@@ -108,18 +114,18 @@ def check_extreme_pairs(qs, k, phi, psi, choice: PolyChoice, factor: float = 10.
     n = xp.arange(q2.shape[0])
     i_star = xp.argmax(xp.sum(q2 * q2, axis=-1), axis=-1)  # [n]
     j_star = xp.argmax(xp.sum(k2 * k2, axis=-1), axis=-1)
-    j_opp = xp.argmin(xp.sum(q2[n, i_star][:, None, :] * k2, axis=-1), axis=-1)
-    i_opp = xp.argmin(xp.sum(q2 * k2[n, j_star][:, None, :], axis=-1), axis=-1)
+    j_opp = xp.argmin(xp.sum(_pick_rows(xp, q2, n, i_star)[:, None, :] * k2, axis=-1), axis=-1)
+    i_opp = xp.argmin(xp.sum(q2 * _pick_rows(xp, k2, n, j_star)[:, None, :], axis=-1), axis=-1)
     rows = xp.concat([i_star, i_star, i_opp])
     cols = xp.concat([j_star, j_opp, j_star])
     nn = xp.concat([n, n, n])
     # [3 n]: features products and the scores they must reproduce
-    got = xp.sum(f2[nn, rows] * p2[nn, cols], axis=-1)
-    s = xp.sum(q2[nn, rows] * k2[nn, cols], axis=-1)
-    got, s = backend.to_numpy(got).astype(np.float64), backend.to_numpy(s).astype(np.float64)
+    got = xp.sum(_pick_rows(xp, f2, nn, rows) * _pick_rows(xp, p2, nn, cols), axis=-1)
+    s = xp.sum(_pick_rows(xp, q2, nn, rows) * _pick_rows(xp, k2, nn, cols), axis=-1)
+    got, s = backend.to_numpy(xp.stack([got, s])).astype(np.float64)  # one host read
     want = evaluate(choice.coef, s)
     dev = float(np.max(np.abs(got - want) / np.abs(want))) if want.size else 0.0
-    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(np.finfo(phi.dtype).eps))
+    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(xp.finfo(phi.dtype).eps))
     if not dev <= allowed:
         raise PolynomialFailure(
             f"the degree-{choice.degree} {choice.family} polynomial lost its accuracy to rounding in "
