@@ -57,8 +57,9 @@ def _benchmark_classes():
 
 
 def test_suite_has_benchmarks():
-    assert {"bench_grad", "bench_features", "bench_products", "bench_torch"} <= set(MODULES)
-    assert len(list(_benchmark_classes())) >= 7
+    assert {"bench_grad", "bench_features", "bench_products", "bench_torch", "bench_scaling",
+            "bench_realhead"} <= set(MODULES)
+    assert len(list(_benchmark_classes())) >= 14
 
 
 @pytest.mark.skipif(shutil.which("asv") is None and importlib.util.find_spec("asv") is None,
@@ -89,15 +90,42 @@ def test_benchmark_smallest_combination(mod, cls):
         pytest.skip(f"every combination is skipped here: {reason}")
     methods = sorted(m for m in dir(cls) if m.startswith(PREFIXES))
     assert methods
+    assert {"track_score_bound", "track_max_score"} <= set(methods), "every benchmark states its score bound"
+    values = {}
     for name in methods:
-        value = getattr(bench, name)(*combo)
+        value = values[name] = getattr(bench, name)(*combo)
         if name.startswith("track_"):
-            assert isinstance(value, float) and (math.isfinite(value) or "rel_error" in name), (name, value)
+            assert isinstance(value, float) and (math.isfinite(value) or name in MAY_BE_NAN), (name, value)
             assert getattr(cls, name).unit
             if "rel_error" in name:
                 assert math.isnan(value) or 0 <= value < 1, (name, value)
-            else:
+            elif name == "track_auto_ran_poly":
+                assert value in (0.0, 1.0), value
+            elif not math.isnan(value):
                 assert value > 0, (name, value)
+    bound, max_score = values["track_score_bound"], values["track_max_score"]
+    assert math.isnan(max_score) or max_score <= bound * (1 + 1e-6), (bound, max_score)
+
+
+MAY_BE_NAN = {"track_rel_error_poly_vs_exact", "track_max_score", "track_poly_features_needed",
+              "track_poly_over_exact_estimate"}
+
+
+def test_real_head_case_runs_exact_and_poly_would_lose():
+    """The M = 8 case: auto correctly runs exact, and the estimate says poly would be far slower."""
+    cls = _module("bench_realhead").RealHeadLike
+    bench = cls()
+    bench.setup("numpy", 1024, "float32")
+    assert bench.track_score_bound() == pytest.approx(8.0, rel=1e-5)
+    assert 5 < bench.track_max_score() <= 8.0
+    assert bench.track_auto_ran_poly() == 0.0
+    assert bench.track_poly_over_exact_estimate() > 1e3
+
+
+def test_grids_do_not_depend_on_the_environment():
+    """asv's convention: params are fixed; nothing in the suite reads the environment."""
+    text = "".join(p.read_text() for p in BENCH_DIR.glob("*.py"))
+    assert "os.environ" not in text and "getenv" not in text
 
 
 def test_torch_baseline_is_the_same_problem():
