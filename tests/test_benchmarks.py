@@ -171,3 +171,114 @@ def test_report_script_recovers_synthetic_scaling(tmp_path):
     assert cells[7].startswith("4.00, 4.00"), row  # t(4L)/t(L)
     assert float(cells[8]) == pytest.approx(1000, rel=1e-6), row  # L*
     assert "1.00e-02" in text
+
+
+# ------------------------------------------------------------------------------ the prepared GPU run
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"gpulora_asv_{name}", ASV_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    """Every stage of asv_bench/gpu_bench.py once in this process, on NumPy at toy sizes (--dry-run)."""
+    import time
+
+    bench = _script("gpu_bench")
+    out = tmp_path_factory.mktemp("gpu")
+    results = {name: bench.run_stage(name, out, time.time() + 60, True) for name in bench.STAGES}
+    return bench, out, results
+
+
+def test_gpu_bench_dry_run_measures_every_stage(gpu_dry_run):
+    bench, out, results = gpu_dry_run
+    assert set(results) == {"device", "features", "stages", "compare"}
+    for name, res in results.items():
+        assert res["status"] == "ok", (name, res.get("traceback"))
+        assert json.loads((out / f"{name}.json").read_text())["status"] == "ok"
+    dev = results["device"]
+    assert dev["info"]["dry_run"] and dev["copy"]["gbps"] > 0 and dev["gemm_fp32"]["tflops"] > 0
+    assert all(c["gbps"] > 0 and c["M"] == bench.BOUND for c in results["features"]["cases"])
+    assert {"features", "checks", "state_products", "readout", "total"} == set(results["stages"]["parts"])
+    cases = results["compare"]["cases"]
+    methods = {c["method"] for c in cases}
+    assert {"poly", "exact"} <= methods and all("error" not in c for c in cases), cases
+    assert sum(bool(c.get("target")) for c in cases) == 1
+    assert all(c["M"] == bench.BOUND and c["median_s"] > 0 for c in cases)
+
+
+def test_gpu_bench_stage_stops_at_its_deadline(tmp_path):
+    """A stage past its (soft) deadline starts no new case and says so: one slow stage cannot eat the run."""
+    import time
+
+    bench = _script("gpu_bench")
+    res = bench.run_stage("compare", tmp_path, time.time() - 1, True)
+    assert res["status"] == "ok" and res["truncated"] and res["cases"] == []
+
+
+def test_gpu_bench_arguments(tmp_path):
+    bench = _script("gpu_bench")
+    args = bench.parse_args(["--out", str(tmp_path), "--stages", "device,compare", "--budget", "30"])
+    assert args.stage_list == ["device", "compare"] and args.budget == 30
+    for bad in (["--stages", "device,warp"], ["--budget", "0"], ["--stage", "nope"]):
+        with pytest.raises(SystemExit) as err:
+            bench.parse_args(bad)
+        assert err.value.code == 2
+    assert abs(sum(bench.STAGES.values()) - 1) < 1e-12
+
+
+def test_gpu_report_makes_and_updates_the_benchmarks_section(gpu_dry_run, tmp_path):
+    bench, out, results = gpu_dry_run
+    report = _script("gpu_report")
+    data = {"summary": {"stages": {n: {"status": "ok", "seconds": 1.0, "limit_s": 9.0} for n in results}},
+            **results}
+    (tmp_path / "gpu.json").write_text(json.dumps(data, default=str))
+    (tmp_path / "tests.txt").write_text("3 passed, 1 skipped in 2.0s\n")
+    text = report.main([str(tmp_path)])
+    assert "dry run on the CPU" in text and "3 passed" in text
+    for heading in ("Ceilings", "Feature map", "Stage breakdown", "poly vs exact vs PyTorch SDPA"):
+        assert heading in text, heading
+    assert "| L | d_head | method | g | k | M |" in text and "Target, poly" in text
+    doc = tmp_path / "B.md"
+    doc.write_text(f"# x\n\n{report.START}\nold\n{report.END}\n\nrest\n")
+    report.main([str(tmp_path), "--update", str(doc)])
+    new = doc.read_text()
+    assert "old" not in new and new.endswith(f"{report.END}\n\nrest\n") and text in new
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils timeout")
+def test_gpu_run_script_arguments(tmp_path):
+    script = str(ASV_DIR / "gpu_run.sh")
+    for bad in (["--bogus"], ["--budget", "x"], ["--budget", "0"]):
+        proc = subprocess.run(["bash", script, *bad], capture_output=True, text=True, timeout=60,
+                              env={**__import__("os").environ, "OUT": str(tmp_path / "o")})
+        assert proc.returncode == 2 and "gpu_run:" in proc.stderr, (bad, proc.stderr)
+    proc = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--dry-run" in proc.stdout
+
+
+def test_install_env_picks_only_usable_extras():
+    inst = _script("install_env")
+    assert inst.cuda_major("| NVIDIA-SMI 580.65  Driver Version: 580.65  CUDA Version: 13.0 |") == 13
+    assert inst.cuda_major("CUDA Version: 12.4") == 12 and inst.cuda_major("no banner") is None
+    cpu = inst.commands("g.whl", None, True)
+    assert cpu[0][-1] == "g.whl" and cpu[1][-2:] == ["--index-url", inst.TORCH_CPU_INDEX]
+    gpu = inst.commands("g.whl", "cuda13", True)
+    assert gpu[0][-1] == "g.whl[cuda13]" and gpu[1][-1] == "torch"
+    assert len(inst.commands("g.whl", None, False)) == 1
+
+
+def test_asv_results_live_outside_the_code_tree():
+    """asv writes under asv_bench/.asv/ (git-ignored); published figures sit where no asv run writes."""
+    conf = (ASV_DIR / "asv.conf.json").read_text()
+    for key in ("results_dir", "env_dir", "html_dir"):
+        assert f'"{key}": ".asv/' in conf, key
+    assert "install_env.py" in conf and '"install_timeout"' in conf
+    ignored = (ASV_DIR.parent / ".gitignore").read_text()
+    assert "asv_bench/.asv/" in ignored
+    assert list((ASV_DIR / "published").glob("*/*.json"))

@@ -36,25 +36,35 @@ import math
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "scores"]
+__all__ = ["BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "scores"]
 
 # Elements of one [lead, block_q, block_k] temporary. Two such buffers are live per block (weights and P):
 # 1 MiB each in float32 keeps them in a CPU's L2/L3 cache, where the elementwise passes run at cache
 # speed (measured fastest against 2^16..2^22 on the 2-core benchmark machine).
 BLOCK_ELEMENTS = 1 << 18
+# On a GPU the blocks are as large as memory comfortably allows: every block costs ~20 kernel launches, and
+# 2^26 elements (256 MiB in float32 per buffer) keeps launches a small part of the time.
+GPU_BLOCK_ELEMENTS = 1 << 26
 MIN_ROWS = 16  # a whole key row per block (no recomputation) while at least this many query rows fit
 
 
-def block_sizes(lead: int, L: int, block_q=None, block_k=None) -> tuple[int, int]:
-    """Query and key block sizes keeping ``lead * block_q * block_k <= BLOCK_ELEMENTS`` (unless forced)."""
+def block_sizes(lead: int, L: int, block_q=None, block_k=None, *, elements=None) -> tuple[int, int]:
+    """Query and key block sizes keeping ``lead * block_q * block_k <= elements`` (unless forced);
+    ``elements`` defaults to :data:`BLOCK_ELEMENTS`."""
     lead = max(lead, 1)
+    elements = BLOCK_ELEMENTS if elements is None else elements
     if block_k is None:
-        single = lead * L * min(L, MIN_ROWS) <= BLOCK_ELEMENTS
-        block_k = L if single else max(64, math.isqrt(BLOCK_ELEMENTS // lead))
+        single = lead * L * min(L, MIN_ROWS) <= elements
+        block_k = L if single else max(64, math.isqrt(elements // lead))
     block_k = max(1, min(int(block_k), L))
     if block_q is None:
-        block_q = BLOCK_ELEMENTS // (lead * block_k)
+        block_q = elements // (lead * block_k)
     return max(1, min(int(block_q), L)), block_k
+
+
+def _elements(q) -> int:
+    """Block size in elements for the arrays of ``q``'s library: cache-sized on the CPU, large on a GPU."""
+    return GPU_BLOCK_ELEMENTS if backend.is_cupy(q) else BLOCK_ELEMENTS
 
 
 def scores(xp, qb, kb, beta, i0, j0, causal, fill=-math.inf):
@@ -122,7 +132,7 @@ def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, block_q=
     """``O = softmax(beta Q K^T) V`` of shape ``(..., L, d_v)``, blocked like :func:`loss_and_grads`."""
     xp = backend.namespace(q, k, v)
     L = q.shape[-2]
-    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k)
+    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k, elements=_elements(q))
     out = backend.empty(q.shape[:-1] + (v.shape[-1],), q.dtype, xp)
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
@@ -157,7 +167,7 @@ def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("
     xp = backend.namespace(q, k, v, y)
     need = set(need)
     L = q.shape[-2]
-    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k)
+    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k, elements=_elements(q))
     dq = backend.empty(q.shape, q.dtype, xp) if "q" in need else None
     dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
     dv = xp.zeros(v.shape, dtype=v.dtype) if "v" in need else None
