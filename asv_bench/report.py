@@ -60,7 +60,9 @@ def load(path):
 _GRAD = ["backend", "L", "d_head", "targets", "dtype"]
 _POLY = ["backend", "L", "d_head", "degree", "targets", "dtype"]
 _CAUSAL = ["backend", "L", "d_head", "degree", "dtype"]
+_REAL = ["backend", "L", "dtype"]
 _NAMES = {
+    "ExactVsSDPA": _REAL, "RealHeadLike": _REAL,
     "ExactGrad": _GRAD, "ExactScaling": _GRAD, "TorchGrad": _GRAD, "TorchScaling": _GRAD,
     "PolyGrad": _POLY, "PolyScaling": _POLY, "PolyError": _POLY, "PolyErrorScaling": _POLY,
     "CausalPolyGrad": _CAUSAL, "CausalPolyScaling": _CAUSAL,
@@ -151,7 +153,44 @@ def bound_cells(res, L, d, g=None):
     return (fmt(m, ".3g") if m is not None else f"{SUITE_BOUND:g} (set)"), fmt(ms, ".3g")
 
 
+def realhead(data, res) -> str:
+    """The real-head tables (``bench_realhead``): exact vs PyTorch SDPA side by side, and the M = 8 case."""
+    lines = []
+    w = lines.append
+    vs = "bench_realhead.ExactVsSDPA."
+    sel = {"backend": "numpy", "dtype": "float32"}
+    Ls = sorted({dict(k)["L"] for k in res.get(vs + "time_gpulora_exact", {})})
+    if Ls:
+        w("#### Attention core, 12 heads x d_head 32, float32: gpulora exact vs PyTorch SDPA (forward + backward)\n")
+        w("| L | M | max \\|S\\| | gpulora exact | PyTorch SDPA | gpulora / SDPA |")
+        w("|---:|---:|---:|---:|---:|---:|")
+        for L in Ls:
+            kw = {**sel, "L": L}
+            te, tt = get(res, vs + "time_gpulora_exact", **kw), get(res, vs + "time_torch_sdpa", **kw)
+            w(f"| {L} | {fmt(get(res, vs + 'track_score_bound', **kw))} | "
+              f"{fmt(get(res, vs + 'track_max_score', **kw))} | {fmt_t(te)} | {fmt_t(tt)} | "
+              f"{fmt(te / tt if te and tt else None, '.2f')} |")
+    rh = "bench_realhead.RealHeadLike."
+    keys = sorted({(dict(k)["L"], dict(k)["dtype"]) for k in res.get(rh + "time_auto", {})})
+    if keys:
+        w("\n#### Real-head-like LoRA problem (4 heads, d_head 16, M = 8): poly correctly loses\n")
+        w("| L | dtype | M | max \\|S\\| | auto | exact | auto ran poly | features poly needs | "
+          "est. poly / exact |")
+        w("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for L, dt in keys:
+            kw = {"backend": "numpy", "L": L, "dtype": dt}
+            ran = get(res, rh + "track_auto_ran_poly", **kw)
+            w(f"| {L} | {dt} | {fmt(get(res, rh + 'track_score_bound', **kw))} | "
+              f"{fmt(get(res, rh + 'track_max_score', **kw))} | {fmt_t(get(res, rh + 'time_auto', **kw))} | "
+              f"{fmt_t(get(res, rh + 'time_exact', **kw))} | {'–' if ran is None else ('yes' if ran else 'no')} | "
+              f"{fmt(get(res, rh + 'track_poly_features_needed', **kw), '.3g')} | "
+              f"{fmt(get(res, rh + 'track_poly_over_exact_estimate', **kw), '.3g')} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def report(data, res) -> str:
+    if not any(name.startswith(tuple(c + "." for names in _CLASSES.values() for c in names)) for name in res):
+        return realhead(data, res)  # a file with the real-head benchmarks only
     res = resolve(res)
     lines = []
     w = lines.append
@@ -289,7 +328,8 @@ def report(data, res) -> str:
         w(f"- peak memory at L = {ACCEPT_L} (d_head {ACCEPT_D}, g {ACCEPT_G}) under 512 MiB: peak RSS "
           f"{pm / 2**20:.0f} MiB (call's own allocations {fmt(al, '.1f')} MiB) -> "
           f"{'met' if pm < 512 * 2**20 else 'MISSED'}.")
-    return "\n".join(lines) + "\n"
+    extra = realhead(data, res)
+    return "\n".join(lines) + "\n" + ("\n" + extra if extra else "")
 
 
 def causal(res, w):

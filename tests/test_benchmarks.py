@@ -173,6 +173,21 @@ def test_report_script_recovers_synthetic_scaling(tmp_path):
     assert "1.00e-02" in text
 
 
+def test_benchmarks_md_quotes_what_report_prints_from_the_published_results():
+    """The CPU tables of BENCHMARKS.md are, verbatim, report.py's output on the published results file."""
+    import re
+
+    doc = (ASV_DIR.parent / "BENCHMARKS.md").read_text()
+    blocks = re.findall(r"<!-- report\.py:start (\S+) -->\n(.*?)<!-- report\.py:end -->", doc, re.S)
+    assert blocks, "BENCHMARKS.md lacks the report.py markers"
+    spec = importlib.util.spec_from_file_location("gpulora_asv_report_pub", ASV_DIR / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for path, quoted in blocks:
+        data, res = report.load(ASV_DIR.parent / path)
+        assert report.report(data, res) == quoted, "regenerate: python asv_bench/report.py " + path
+
+
 # ------------------------------------------------------------------------------ the prepared GPU run
 
 
