@@ -15,7 +15,7 @@ When a whole key row fits (``block_k = L``), one pass per query block computes `
 ``O``, ``G``, ``r``, and the block's contributions to ``dQ``, ``dK``, ``dV``. Otherwise keys come in blocks
 of ``block_k``: a first sweep computes ``O`` and the row log-sum-exp with the online softmax, a second
 recomputes ``F = exp(S - m) / l`` block by block. The largest temporary is ``batch * H * block_q * block_k``
-elements (at most :data:`BLOCK_ELEMENTS`, cache-sized), never ``L x L``.
+elements (at most :data:`BLOCK_ELEMENTS`), never ``L x L``.
 
 **Per block** six products (``beta Q K^T``, ``E V``; ``E^T G'``, ``G' V^T``, ``P K``, ``P^T (beta Q)``) and
 six elementwise passes, all in place in two buffers: max, subtract, exp, sum over ``E = exp(S - m)``; then
@@ -38,14 +38,15 @@ from .. import backend
 
 __all__ = ["BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "scores"]
 
-# Elements of one [lead, block_q, block_k] temporary. Two such buffers are live per block (weights and P):
-# 1 MiB each in float32 keeps them in a CPU's L2/L3 cache, where the elementwise passes run at cache
-# speed (measured fastest against 2^16..2^22 on the 2-core benchmark machine).
-BLOCK_ELEMENTS = 1 << 18
+# Elements of one [lead, block_q, block_k] temporary (two such buffers are live per block: weights and P).
+# Measured on the 2-core machine, 12 heads of d_head 32, L 512..2048, float32: with one BLAS thread 2^18
+# (cache-sized) was ~20 % faster than 2^22, but with two threads on a busy machine small blocks cost far
+# more (each of the ~6 lead * blocks GEMM calls pays the thread hand-off), so blocks stay large: 2^22.
+BLOCK_ELEMENTS = 1 << 22
 # On a GPU the blocks are as large as memory comfortably allows: every block costs ~20 kernel launches, and
 # 2^26 elements (256 MiB in float32 per buffer) keeps launches a small part of the time.
 GPU_BLOCK_ELEMENTS = 1 << 26
-MIN_ROWS = 16  # a whole key row per block (no recomputation) while at least this many query rows fit
+MIN_ROWS = 64  # a whole key row per block (no recomputation) while at least this many query rows fit
 
 
 def block_sizes(lead: int, L: int, block_q=None, block_k=None, *, elements=None) -> tuple[int, int]:
