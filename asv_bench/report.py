@@ -62,7 +62,7 @@ _POLY = ["backend", "L", "d_head", "degree", "targets", "dtype"]
 _CAUSAL = ["backend", "L", "d_head", "degree", "dtype"]
 _REAL = ["backend", "L", "dtype"]
 _NAMES = {
-    "ExactVsSDPA": _REAL, "RealHeadLike": _REAL,
+    "RealHeadLike": _REAL,
     "ExactGrad": _GRAD, "ExactScaling": _GRAD, "TorchGrad": _GRAD, "TorchScaling": _GRAD,
     "PolyGrad": _POLY, "PolyScaling": _POLY, "PolyError": _POLY, "PolyErrorScaling": _POLY,
     "CausalPolyGrad": _CAUSAL, "CausalPolyScaling": _CAUSAL,
@@ -154,26 +154,13 @@ def bound_cells(res, L, d, g=None):
 
 
 def realhead(data, res) -> str:
-    """The real-head tables (``bench_realhead``): exact vs PyTorch SDPA side by side, and the M = 8 case."""
+    """The real-head table (``bench_realhead.RealHeadLike``): the M = 8 case where poly correctly loses."""
     lines = []
     w = lines.append
-    vs = "bench_realhead.ExactVsSDPA."
-    sel = {"backend": "numpy", "dtype": "float32"}
-    Ls = sorted({dict(k)["L"] for k in res.get(vs + "time_gpulora_exact", {})})
-    if Ls:
-        w("#### Attention core, 12 heads x d_head 32, float32: gpulora exact vs PyTorch SDPA (forward + backward)\n")
-        w("| L | M | max \\|S\\| | gpulora exact | PyTorch SDPA | gpulora / SDPA |")
-        w("|---:|---:|---:|---:|---:|---:|")
-        for L in Ls:
-            kw = {**sel, "L": L}
-            te, tt = get(res, vs + "time_gpulora_exact", **kw), get(res, vs + "time_torch_sdpa", **kw)
-            w(f"| {L} | {fmt(get(res, vs + 'track_score_bound', **kw))} | "
-              f"{fmt(get(res, vs + 'track_max_score', **kw))} | {fmt_t(te)} | {fmt_t(tt)} | "
-              f"{fmt(te / tt if te and tt else None, '.2f')} |")
     rh = "bench_realhead.RealHeadLike."
     keys = sorted({(dict(k)["L"], dict(k)["dtype"]) for k in res.get(rh + "time_auto", {})})
     if keys:
-        w("\n#### Real-head-like LoRA problem (4 heads, d_head 16, M = 8): poly correctly loses\n")
+        w("#### Real-head-like LoRA problem (4 heads, d_head 16, M = 8): poly correctly loses\n")
         w("| L | dtype | M | max \\|S\\| | auto | exact | auto ran poly | features poly needs | "
           "est. poly / exact |")
         w("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

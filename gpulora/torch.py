@@ -1,11 +1,21 @@
-"""PyTorch bridge: gpulora's LoRA gradients for ``torch`` tensors, zero-copy through DLPack.
+"""PyTorch bridge: gpulora for ``torch`` tensors, zero-copy through DLPack.
 
 Tensors go in without a copy (``numpy.from_dlpack`` for CPU tensors, ``cupy.from_dlpack`` for CUDA tensors;
 a tensor that requires grad is detached first, which shares its storage) and results come back with
-``torch.from_dlpack``, on the device and in the dtype of ``x``. Three ways in:
+``torch.from_dlpack``, on the device and in the dtype of the inputs.
 
-* :func:`lora_grad` -- the loss and the adapter gradients as torch tensors (layout of :mod:`gpulora`:
-  ``W = W0 + (alpha / r) B @ A``, ``x @ W``);
+**Attention with gpulora's backward** (:mod:`gpulora.torch_attention`, re-exported here):
+:func:`attention` is a :class:`torch.autograd.Function` over ``q, k, v`` (grouped-query heads, key padding
+mask, causal; float16/bfloat16 computed in float32) whose backward is :func:`gpulora.attention_vjp`;
+:func:`options` / :func:`set_options` choose the method, :func:`last_run` / :func:`recording` say what ran.
+When transformers is installed, importing this module registers ``attn_implementation="gpulora"``
+(:mod:`gpulora.hf_attention`), so that any transformers model, PEFT LoRA included, trains with it.
+
+**LoRA gradients of one head** in gpulora's layout (``W = W0 + (alpha / r) B @ A``, ``x @ W``), where only
+the adapters get gradients (``x``, ``y`` and the frozen weights are constants; a tensor among them that
+requires grad is refused rather than silently given no gradient), float32 and float64:
+
+* :func:`lora_grad` -- the loss and the adapter gradients as torch tensors;
 * :func:`attention_loss` -- a scalar loss tensor whose ``.backward()`` fills ``B.grad`` and ``A.grad`` of the
   adapters (a :class:`torch.autograd.Function` whose backward is gpulora's gradient, computed in the
   forward call with the loss: one call, no graph, ``O(L)`` memory);
@@ -13,14 +23,13 @@ a tensor that requires grad is detached first, which shares its storage) and res
   a gpulora Head and LoRA, ``W0 = base_layer.weight.T``, ``B = lora_A.weight.T``, ``A = lora_B.weight.T``, and
   accumulate the gradients into ``lora_A.weight.grad`` and ``lora_B.weight.grad``.
 
-Only the adapters get gradients: ``x``, ``y`` and the frozen weights are constants (a tensor among them that
-requires grad is refused rather than silently given no gradient). float32 and float64 only; the cost is
-that of :func:`gpulora.lora_grad`, plus nothing for the conversions. See ``docs/pytorch.md``.
+The cost is that of the gpulora call, plus nothing for the conversions. See ``docs/pytorch.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,7 +46,8 @@ from .grad import lora_grad as _lora_grad
 from .grad import loss as _loss
 from .model import TARGETS, AdapterGrad, GradResult, Head, LoRA
 
-__all__ = ["PeftAttention", "attention_loss", "from_peft", "head_and_lora", "lora_grad", "peft_backward",
+__all__ = ["AttentionFunction", "Options", "PeftAttention", "Run", "attention", "attention_loss", "from_peft",
+           "head_and_lora", "last_run", "lora_grad", "options", "peft_backward", "recording", "set_options",
            "to_array", "to_torch"]
 
 _DTYPES = (torch.float32, torch.float64)
@@ -46,18 +56,27 @@ _DTYPES = (torch.float32, torch.float64)
 def to_array(t, name: str = "tensor"):
     """A NumPy (CPU tensor) or CuPy (CUDA tensor) array sharing ``t``'s memory, through DLPack.
 
-    ``t`` is detached first (same storage). Non-contiguous tensors (e.g. ``weight.T``) stay views.
+    ``t`` is detached first (same storage). Non-contiguous tensors (e.g. ``weight.T``) stay views. A tensor
+    with a lazy negation or conjugation bit (``t.is_neg()``, e.g. from ``x.conj()`` views; DLPack would
+    drop the bit) is resolved first, which copies it.
 
     Raises
     ------
     TypeError
-        ``t`` is not a tensor, not float32/float64, or on a device other than CPU and CUDA.
+        ``t`` is not a tensor; is sparse, quantized, complex or not float32/float64; or is on a device
+        other than CPU and CUDA (e.g. ``meta``).
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; pass {name}.to_dense()")
+    if t.is_quantized:
+        raise TypeError(f"{name} must be a float32 or float64 tensor, got the quantized {t.dtype}; dequantize it")
     if t.dtype not in _DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}; cast it with .to(torch.float32)")
     t = t.detach()
+    if t.is_neg() or t.is_conj():  # lazy bits that DLPack does not carry
+        t = t.resolve_neg().resolve_conj()
     if t.device.type == "cpu":
         return np.from_dlpack(t)
     if t.device.type == "cuda":
@@ -329,3 +348,21 @@ def peft_backward(att: PeftAttention, x, y, *, heads=1, beta=None, softmax_one=F
                 g = g.to(p.dtype)
                 p.grad = g.clone() if p.grad is None else p.grad + g
     return res
+
+
+# attention on torch tensors (autograd Function, options, run records), from gpulora.torch_attention; looked up
+# on first use, because that module imports the converters above (either module may be imported first)
+_ATTENTION_NAMES = ("AttentionFunction", "Options", "Run", "attention", "last_run", "options", "recording",
+                    "set_options")
+
+
+def __getattr__(name):
+    if name in _ATTENTION_NAMES:
+        from . import torch_attention
+
+        return getattr(torch_attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if importlib.util.find_spec("transformers") is not None:
+    from . import hf_attention  # noqa: E402,F401  (importing it registers attn_implementation="gpulora")
