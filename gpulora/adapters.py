@@ -63,7 +63,7 @@ class Problem:
     def attention(self, causal: bool) -> Attention:
         """The problem in the grouped layout of :mod:`gpulora.dispatch`."""
         kv = None if self.key_valid is None else self.key_valid[:, None, None, :]
-        return Attention(self.xp, self.grouped(self.q), self.k[:, :, None], self.v[:, :, None], self.beta,
+        return Attention(self.xp, self.grouped(self.q), self.k[:, :, None, ...], self.v[:, :, None, ...], self.beta,
                          causal=causal, softmax_one=self.softmax_one, key_valid=kv)
 
     def grouped(self, a):
@@ -160,8 +160,9 @@ def prepare(head: Head, lora: LoRA, x, y=None, *, grad_output=None, key_mask=Non
             )
     lead, L = tuple(x.shape[:-2]), x.shape[-2]
     key_valid = _key_valid(xp, key_mask, lengths, lead, L)
-    out_dtype = result_dtype(x, *weights, *adapters, *(a for _, a in upstream))
-    dtype = compute_dtype(x, *weights, *adapters, *(a for _, a in upstream))
+    # NumPy's promotion rules decide; the namespace's own dtype objects carry the result
+    out_dtype = backend.namespace_dtype(xp, result_dtype(x, *weights, *adapters, *(a for _, a in upstream)))
+    dtype = backend.namespace_dtype(xp, compute_dtype(x, *weights, *adapters, *(a for _, a in upstream)))
     rope = rotary_tables(xp, L, head.d_head, dtype, lead=lead, position_ids=position_ids, rope_theta=rope_theta,
                          rope_cos=rope_cos, rope_sin=rope_sin)
 

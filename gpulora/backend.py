@@ -52,7 +52,8 @@ def namespace(*arrays):
         If an argument is not an array, or the arrays come from different libraries.
     """
     for a in arrays:
-        if not array_api_compat.is_array_api_obj(a) or isinstance(a, (np.generic, bool, int, float, complex)):
+        if not array_api_compat.is_array_api_obj(a) or (isinstance(a, (bool, int, float, complex))
+                                                        and not isinstance(a, np.generic)):
             raise TypeError(f"expected arrays that follow the array API standard (NumPy, CuPy, ...), got "
                             f"{type(a).__name__}")
     try:

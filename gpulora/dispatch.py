@@ -139,7 +139,7 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
     target = DEFAULT_TOL if tol is None else tol
     if method == "exact":
         return Plan("exact", bound, tol=target)
-    dtype = np.dtype(att.q.dtype)
+    dtype = backend.host_dtype(att.q)
     lead, L = math.prod(att.q.shape[:-2]), att.q.shape[-2]
     d_head, d_v = att.q.shape[-1], att.v.shape[-1]
     try:
@@ -222,7 +222,7 @@ def _poly_chain(att: Attention, p: Plan, y, grad_output, need):
     (broadcast in pass 2), and the query states of the group are summed before pass 3 (the states are sums).
     """
     xp, q, k, v, beta, mask = att.xp, att.q, att.k, att.v, att.beta, att.key_valid
-    dtype = p.compute_dtype
+    dtype = backend.namespace_dtype(xp, p.compute_dtype)
     chain.check_extreme_pairs(beta * xp.astype(q, dtype, copy=False),
                               xp.astype(_expanded(att, k), dtype, copy=False), p.choice, query_mask=mask, key_mask=mask)
     keys = chain.key_pass(k, v, p.choice, need=need, key_mask=mask, compute_dtype=dtype)
@@ -242,7 +242,8 @@ def _poly_causal(att: Attention, p: Plan, y, grad_output, need):
     """Causal poly: the forward and backward sweeps of :mod:`gpulora.poly.causal`, the output kept from the
     forward sweep (keys and values repeated over each group, their gradients summed back)."""
     xp, q, beta, mask = att.xp, att.q, att.beta, att.key_valid
-    lay = causal_chain._layout(q, _expanded(att, att.k), _expanded(att, att.v), beta, p.choice, p.compute_dtype,
+    lay = causal_chain._layout(q, _expanded(att, att.k), _expanded(att, att.v), beta, p.choice,
+                               backend.namespace_dtype(xp, p.compute_dtype),
                                None, None, mask, mask)
     target = y if y is not None else grad_output
     mode = None if target is None else ("y" if y is not None else "grad_output")
@@ -299,7 +300,7 @@ def _check_result(att: Attention, p: Plan, out) -> None:
         f64, clean = att.xp.float64, att.without_padding()
         with np.errstate(over="ignore"):
             bound = chain.score_bound(att.xp.astype(clean.q, f64), att.xp.astype(clean.k, f64), att.beta)
-    dtype = np.dtype(att.q.dtype)
+    dtype = backend.host_dtype(att.q)
     msg = (f"the {p.method} computation overflowed {dtype} (NaN or inf in its results) although every input "
            f"is finite: the scores reach up to M = {bound:.3g} and the gradients scale with their size "
            f"(largest {dtype} {float(np.finfo(dtype).max):.3g}); scale x or the weights down (or beta), or "
