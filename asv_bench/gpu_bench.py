@@ -216,21 +216,24 @@ def stage_features(env: Env, out: dict, deadline: float):
 
 
 def stage_stages(env: Env, out: dict, deadline: float):
-    """Per-stage breakdown of one poly call at the target shape: features, state products, readout, checks."""
+    """Per-stage breakdown of one poly call at the target shape, along :mod:`gpulora.poly.chain`'s three
+    streamed passes: the feature maps alone; pass 1 (key features, key states ``Psi^T V``, ``T_K``); pass 2
+    (query features, output and ``dQ`` readout, query states ``T_Q``); pass 3 (``dK``, ``dV`` readout); the
+    run-time checks; and the whole call."""
     from gpulora.poly import chain
     from gpulora.poly.features import feature_scales, monomial_features
     from gpulora.poly.monomials import monomial_table
-    from gpulora.poly.products import kron_contract, kron_readout
 
     L, d, g = env.target
     xp = env.xp
     (q, k, v, y), beta = bounded_qkvy(env, L, d)
     choice, compute = poly_choice(g)
+    cdt = getattr(xp, np.dtype(compute).name)
     table = monomial_table(d, g)
-    sq = xp.asarray(feature_scales(choice.coef, d, "query").astype(np.float32))
-    sk = xp.asarray(feature_scales(choice.coef, d, "key").astype(np.float32))
+    sq = xp.asarray(feature_scales(choice.coef, d, "query").astype(np.dtype(compute)))
+    sk = xp.asarray(feature_scales(choice.coef, d, "key").astype(np.dtype(compute)))
     qs = beta * q
-    out.update(L=L, heads=HEADS, d_head=d, degree=g, k=table.k, M=BOUND)
+    out.update(L=L, heads=HEADS, d_head=d, degree=g, k=table.k, M=BOUND, compute=str(np.dtype(compute)))
     parts = {}
     out["parts"] = parts
 
@@ -242,22 +245,25 @@ def stage_stages(env: Env, out: dict, deadline: float):
             parts[name] = cuda_time(env, fn, max_samples=5)
         except Exception as err:
             parts[name] = {"error": f"{type(err).__name__}: {err}"}
+        _write_partial(out)
 
-    phi = monomial_features(qs, table, sq)
-    psi = monomial_features(k, table, sk)
-    den = phi @ xp.sum(psi, axis=-2)[..., None]
-    u = phi / den
-    o = u @ (psi.mT @ v)
-    gr = o - y
-    t_k = kron_contract(psi, v, k)
-    t_q = kron_contract(u, gr, q)
-    measure("features", lambda: (monomial_features(qs, table, sq), monomial_features(k, table, sk)))
-    measure("checks", lambda: (chain.check_extreme_pairs(qs, k, phi, psi, choice),
-                               chain.check_normaliser(den, L * choice.min_value, choice)))
-    measure("state_products", lambda: (psi.mT @ v, u.mT @ gr, psi.mT @ k, kron_contract(psi, v, k),
-                                       kron_contract(u, gr, q)))
-    measure("readout", lambda: (u @ (psi.mT @ v), kron_readout(u, gr, t_k), kron_readout(psi, v, t_q)))
-    measure("total", lambda: chain.loss_and_grads(q, k, v, y, beta, choice, getattr(xp, np.dtype(compute).name)))
+    state = {}
+
+    def pass1():
+        state["keys"] = chain.key_pass(k, v, choice, compute_dtype=cdt)
+
+    def pass2():
+        state["rows"], state["queries"] = chain.query_pass(q, state["keys"], beta, choice, y=y)
+
+    def pass3():
+        chain.key_grad_pass(k, v, state["queries"], beta, choice)
+
+    measure("features (q and k)", lambda: (monomial_features(qs, table, sq), monomial_features(k, table, sk)))
+    measure("pass 1: key states", pass1)
+    measure("pass 2: queries, output, dQ", pass2)
+    measure("pass 3: dK, dV", pass3)
+    measure("checks", lambda: chain.check_extreme_pairs(qs, k, choice))
+    measure("total", lambda: chain.loss_and_grads(q, k, v, y, beta, choice, cdt))
 
 
 def _torch_sdpa(env, torch, arrays, beta, dtype, backend_name):
@@ -392,8 +398,9 @@ def run_all(stages, out_dir: pathlib.Path, budget: float, dry_run: bool) -> dict
         remaining = budget - (time.time() - t0)
         limit = max(5.0, remaining * STAGES[name] / left_share)
         left_share -= STAGES[name]
-        # the stage stops starting new cases at its soft deadline; the hard timeout kills it 15 s later
-        soft = time.time() + max(2.0, limit - 15)
+        # the stage starts no new case after its soft deadline (80 % of its time: room for the last case
+        # to finish); the hard timeout kills it at its limit
+        soft = time.time() + 0.8 * limit
         cmd = [sys.executable, __file__, "--stage", name, "--out", str(out_dir), "--deadline", f"{soft:.0f}"]
         if dry_run:
             cmd.append("--dry-run")
@@ -424,7 +431,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "./gpu-results"), help="output folder")
     ap.add_argument("--stage", choices=sorted(STAGES), help="run this one stage in this process")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages (default: all)")
-    ap.add_argument("--budget", type=float, default=240.0, help="seconds for all stages together")
+    ap.add_argument("--budget", type=float, default=220.0, help="seconds for all stages together")
     ap.add_argument("--deadline", type=float, default=None, help="(with --stage) unix time to stop by")
     ap.add_argument("--dry-run", action="store_true", help="NumPy and CPU PyTorch at toy sizes: check the driver")
     args = ap.parse_args(argv)

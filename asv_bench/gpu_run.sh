@@ -11,13 +11,13 @@
 #
 # Usage: asv_bench/gpu_run.sh [--dry-run] [--skip-install] [--skip-tests] [--budget SECONDS]
 #   --dry-run      no GPU needed: NumPy at toy sizes (checks the script), no install, no CuPy tests
-#   --budget S     seconds for the benchmark stages together (default 240)
-# Each stage runs under its own `timeout`: install 60 s, tests 120 s, benchmark budget + 30 s, report 20 s
+#   --budget S     seconds for the benchmark stages together (default 220)
+# Each stage runs under its own `timeout`: install 60 s, tests 150 s, benchmark budget + 30 s, report 20 s
 # (470 s in all with the default budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-dry=0 install=1 tests=1 budget=240
+dry=0 install=1 tests=1 budget=220
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry=1 ;;
@@ -56,7 +56,7 @@ if [[ $install -eq 1 ]]; then
   stage install 60 "$py" -m pip install --no-deps --no-build-isolation --no-index -e .
 fi
 if [[ $tests -eq 1 ]]; then
-  stage tests 120 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+  stage tests 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
   tail -n 15 "$OUT/tests.log" > "$OUT/tests.txt"
 fi
 dry_flag=()
