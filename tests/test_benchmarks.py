@@ -125,7 +125,10 @@ def test_real_head_case_runs_exact_and_poly_would_lose():
     assert bench.track_score_bound() == pytest.approx(8.0, rel=1e-5)
     assert 5 < bench.track_max_score() <= 8.0
     assert bench.track_auto_ran_poly() == 0.0
-    assert bench.track_poly_over_exact_estimate() > 1e3
+    assert bench.diagnosis.recommended == "exact"
+    # either no polynomial fits the feature budget at all (NaN), or it would cost thousands of times more
+    ratio = bench.track_poly_over_exact_estimate()
+    assert math.isnan(ratio) or ratio > 1e3, ratio
 
 
 def test_grids_do_not_depend_on_the_environment():
