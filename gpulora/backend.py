@@ -83,8 +83,12 @@ def host_dtype(x) -> np.dtype:
 
 
 def namespace_dtype(xp, dtype):
-    """``xp``'s dtype object for the NumPy dtype (or dtype name) ``dtype``: ``getattr(xp, name)``."""
-    return getattr(xp, np.dtype(dtype).name)
+    """``xp``'s dtype object for the NumPy dtype (or dtype name) ``dtype``: the NumPy dtype itself for NumPy
+    and CuPy (which share NumPy's dtypes, ml_dtypes' bfloat16 included), ``getattr(xp, name)`` otherwise."""
+    dtype = np.dtype(dtype)
+    if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_cupy_namespace(xp):
+        return dtype
+    return getattr(xp, dtype.name)
 
 
 def to_numpy(x) -> np.ndarray:

@@ -75,8 +75,8 @@ class _Call:
             raise ValueError(f"grad_output must have the output's shape {batch + (H, L, d_v)}, "
                              f"got {tuple(grad_output.shape)}")
         beta = 1.0 / math.sqrt(d_head) if beta is None else check_beta(beta)
-        self.result_dtype = result_dtype(q, k, v, grad_output)
-        dtype = compute_dtype(q, k, v, grad_output)
+        self.result_dtype = backend.namespace_dtype(xp, result_dtype(q, k, v, grad_output))
+        dtype = backend.namespace_dtype(xp, compute_dtype(q, k, v, grad_output))
         N, rep = math.prod(batch), H // H_kv
 
         def grouped(a, group):
