@@ -80,11 +80,16 @@ class Problem:
 
     def scalar(self, value):
         """A 0-d array in the namespace and result dtype (NumPy reductions give scalars otherwise)."""
-        return self.xp.asarray(value, dtype=self.result_dtype)
+        with np.errstate(over="ignore"):
+            return self.xp.asarray(value, dtype=self.result_dtype)
 
     def to_result(self, a):
-        """``a`` in the result dtype (``None`` stays ``None``)."""
-        return None if a is None else self.xp.astype(a, self.result_dtype, copy=False)
+        """``a`` in the result dtype (``None`` stays ``None``; a half-precision overflow is left to the caller's
+        :func:`~gpulora.validation.check_fits`)."""
+        if a is None:
+            return None
+        with np.errstate(over="ignore"):
+            return self.xp.astype(a, self.result_dtype, copy=False)
 
 
 def _split_heads(xp, a, heads):
@@ -209,7 +214,8 @@ def projection_grads(prob: Problem, d_heads: dict) -> dict:
 
 
 def adapter_grads(lora: LoRA, prob: Problem, d_proj: dict) -> dict:
-    """``{target: AdapterGrad(dB, dA)}`` from :func:`projection_grads` (result dtype).
+    """``{target: AdapterGrad(dB, dA)}`` from :func:`projection_grads` (compute dtype; :meth:`Problem.to_result`
+    casts them).
 
     ``dW = x^T dP`` summed over the batch (one GEMM over ``batch * L`` rows), then ``dB = s dW A^T`` and
     ``dA = s B^T dW``.
@@ -222,16 +228,16 @@ def adapter_grads(lora: LoRA, prob: Problem, d_proj: dict) -> dict:
         dw = x2.mT @ xp.reshape(dp, (-1, dp.shape[-1]))  # (d_model, heads d)
         s = lora.scaling(t)
         out[t] = AdapterGrad(
-            B=prob.to_result(s * (dw @ xp.astype(a, x2.dtype, copy=False).mT)),
-            A=prob.to_result(s * (xp.astype(b, x2.dtype, copy=False).mT @ dw)),
+            B=s * (dw @ xp.astype(a, x2.dtype, copy=False).mT),
+            A=s * (xp.astype(b, x2.dtype, copy=False).mT @ dw),
         )
     return out
 
 
 def input_grad(prob: Problem, d_proj: dict):
-    """``dx = sum_t dP_t W_t^T`` (merged weights) in the caller's layout of ``x`` and the result dtype."""
+    """``dx = sum_t dP_t W_t^T`` (merged weights) in the caller's layout of ``x`` (compute dtype)."""
     dx = sum(d_proj[t] @ prob.weights[t].mT for t in TARGETS)
-    return prob.to_result(dx if prob.batched else dx[0, ...])
+    return dx if prob.batched else dx[0, ...]
 
 
 def output_layout(prob: Problem, o):

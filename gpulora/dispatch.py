@@ -39,8 +39,8 @@ from .poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from .poly.coefficients import DEFAULT_TOL, FAMILIES, PolyChoice, choose
 from .validation import all_finite, check_bool, check_degree, check_method, check_tol
 
-__all__ = ["GRAD_TOL_FACTOR", "Attention", "Plan", "check_options", "error_estimate", "plan", "run_output",
-           "run_vjp"]
+__all__ = ["GRAD_TOL_FACTOR", "Attention", "Plan", "check_options", "error_estimate", "estimate_from_spread",
+           "plan", "plan_for_bound", "run_output", "run_vjp"]
 
 # tol bounds the relative error of p ~ exp; the gradients it gives carry a small multiple of it (the tests
 # hold 10 tol on bounded problems). A poly result whose error_estimate exceeds this multiple of tol is not
@@ -136,19 +136,30 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
     clean = att.without_padding()
     with np.errstate(over="ignore"):  # an overflowing bound is inf, handled below
         bound = chain.score_bound(clean.q, clean.k, att.beta)
+    return plan_for_bound(bound, method, dtype=backend.host_dtype(att.q), lead=math.prod(att.q.shape[:-2]), L=att.q.shape[-2],
+                          d_head=att.q.shape[-1], d_v=att.v.shape[-1],
+                          backend_name="cupy" if backend.is_cupy(att.q) else "numpy", causal=att.causal,
+                          degree=degree, tol=tol, family=family, targets=targets)
+
+
+def plan_for_bound(bound, method, *, dtype, lead, L, d_head, d_v, backend_name="numpy", causal=False, degree=None,
+                   tol=None, family=None, targets=("q", "k", "v"), task_lead=None, task_L=None) -> Plan:
+    """:func:`plan` from a score bound computed elsewhere (reduced over token shards by
+    :mod:`gpulora.distributed`) and the sizes of the whole call (``lead`` = batch x heads); the feature
+    budget applies to the largest task, ``task_lead`` x ``task_L`` rows (default: the whole call)."""
     target = DEFAULT_TOL if tol is None else tol
     if method == "exact":
         return Plan("exact", bound, tol=target)
-    dtype = backend.host_dtype(att.q)
-    lead, L = math.prod(att.q.shape[:-2]), att.q.shape[-2]
-    d_head, d_v = att.q.shape[-1], att.v.shape[-1]
+    dtype = np.dtype(dtype)
+    task_lead = lead if task_lead is None else task_lead
+    task_L = L if task_L is None else task_L
     try:
         if not math.isfinite(bound):
             raise ValueError(f"the score bound M = beta max|q_i| max|k_j| overflows {dtype} (the projections "
                              f"are too large): no polynomial can cover the scores")
         choice, compute = choose(bound, tol=tol, degree=degree, family=family, dtype=dtype)
-        check_budget(d_head, choice.degree, nbytes=poly_bytes(lead, L, choice.features(d_head), d_head, d_v,
-                                                               np.dtype(compute).itemsize),
+        check_budget(d_head, choice.degree, nbytes=poly_bytes(task_lead, task_L, choice.features(d_head), d_head,
+                                                               d_v, np.dtype(compute).itemsize),
                      what=f"the {choice.family} polynomial for M = {bound:.3g}")
     except ValueError as err:
         if method == "poly":
@@ -163,13 +174,12 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
                f"gradients may be off by a multiple of that. Pass tol= instead of degree= (or a higher degree)")
         if method != "poly":
             return Plan("exact", bound, note=f"auto: {msg}; ran exact", tol=target)
-        warnings.warn(msg, AccuracyWarning, stacklevel=3)
+        warnings.warn(msg, AccuracyWarning, stacklevel=4)  # the caller of lora_grad (through plan)
     if method == "poly":
         return Plan("poly", bound, choice, compute, tol=target, warned=eps > target)
-    name = "cupy" if backend.is_cupy(att.q) else "numpy"
-    t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=att.causal)
-    t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=name,
-                                      causal=att.causal, float64_features=compute != dtype)
+    t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=backend_name, causal=causal)
+    t_poly = lead * cost.poly_seconds(L, d_head, d_v, choice.features(d_head), targets, backend=backend_name,
+                                      causal=causal, float64_features=compute != dtype)
     winner = "poly" if t_poly < t_exact else "exact"
     note = (f"auto: estimated exact {t_exact:.3g} s vs poly {t_poly:.3g} s (degree {choice.degree} "
             f"{choice.family}, k = {choice.features(d_head)}): ran {winner}")
@@ -191,14 +201,19 @@ def error_estimate(att: Attention, p: Plan, residual_norm: float) -> float:
     error at every noise level tested (tests/test_adversarial.py). Not covered: cancellation in the sum over
     tokens of an adapter gradient (README, "Precision and tolerance"). Cost ``O(L d_v)``, one host read.
     """
-    eps = p.error_bound
-    delta = 2 * eps / (1 - eps)
     xp = att.xp
     v = xp.astype(att.v, xp.float64, copy=False)  # (N, H_kv, 1, L, d_v)
     c = 0.0 if att.softmax_one else xp.mean(v, axis=-2, keepdims=True)
     spread2 = xp.max(xp.sum((v - c) ** 2, axis=-1), axis=-1)  # [N, H_kv, 1]
-    n_rep = att.q.shape[2]
-    e_out = delta * math.sqrt(v.shape[-2] * n_rep * backend.to_float(xp.sum(spread2)))
+    return estimate_from_spread(p, v.shape[-2] * att.q.shape[2], backend.to_float(xp.sum(spread2)), residual_norm)
+
+
+def estimate_from_spread(p: Plan, rows: int, spread2: float, residual_norm: float) -> float:
+    """:func:`error_estimate` from ``spread2``, the sum over (batch, key/value head) of ``max_j |v_j - c|^2``,
+    computed elsewhere (over token shards by :mod:`gpulora.distributed`); ``rows = L n_rep``."""
+    eps = p.error_bound
+    delta = 2 * eps / (1 - eps)
+    e_out = delta * math.sqrt(rows * spread2)
     return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
 
 
@@ -328,20 +343,22 @@ def _with_fallback(run, att: Attention, p: Plan, requested: str, **kw):
         return p, _checked_run(run, att, p, **kw)
 
 
-def _checked_poly(att: Attention, p: Plan, requested: str, out, rerun, **kw):
+def _checked_poly(att: Attention, p: Plan, requested: str, out, rerun, *, estimate=None, **kw):
     """``(p, out, estimate)`` after the a-posteriori check of a poly run (:func:`error_estimate`; 0 for exact).
 
     ``out[0]`` is the loss, or ``None`` when an upstream gradient was given: that gradient is exact, there
     is no computed residual to amplify the error, and the estimate is ``eps``. Over
     ``GRAD_TOL_FACTOR * p.tol``: ``"auto"`` reruns with exact (the cost of both, less than twice exact's since
     auto chose poly for being cheaper) and says why; ``"poly"`` warns with :class:`~gpulora.AccuracyWarning`
-    (unless the plan already did).
+    (unless the plan already did). ``estimate(p, residual_norm)`` replaces :func:`error_estimate` where
+    ``att`` does not hold the whole call (:mod:`gpulora.distributed`).
     """
     if p.method != "poly":
         return p, out, 0.0
     if out[0] is None:
         return p, out, p.error_bound
-    est = error_estimate(att, p, math.sqrt(2 * max(backend.to_float(out[0]), 0.0)))
+    residual = math.sqrt(2 * max(backend.to_float(out[0]), 0.0))
+    est = error_estimate(att, p, residual) if estimate is None else estimate(p, residual)
     if est <= GRAD_TOL_FACTOR * p.tol:
         return p, out, est
     why = (f"the a-posteriori error estimate of the poly gradients, {est:.3g}, exceeds {GRAD_TOL_FACTOR:g} * tol "

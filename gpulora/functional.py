@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import backend
 from .dispatch import Attention, check_options, plan, run_output, run_vjp
 from .model import AttentionGrad
-from .validation import check_beta, check_key_mask, check_real_array, compute_dtype, result_dtype
+from .validation import (check_beta, check_finite, check_fits, check_key_mask, check_real_array, compute_dtype,
+                         result_dtype)
 
 __all__ = ["attention", "attention_vjp"]
 
@@ -46,11 +49,10 @@ class _Call:
     """A validated q/k/v call: the grouped :class:`~gpulora.dispatch.Attention` and how to undo the layout."""
 
     def __init__(self, q, k, v, grad_output, *, beta, causal, key_mask, softmax_one):
-        check_real_array("q", q, min_ndim=3, half=True)
-        check_real_array("k", k, min_ndim=3, half=True)
-        check_real_array("v", v, min_ndim=3, half=True)
-        if grad_output is not None:
-            check_real_array("grad_output", grad_output, min_ndim=3, half=True)
+        named = {"q": q, "k": k, "v": v, "grad_output": grad_output}
+        for name, a in named.items():
+            if a is not None:
+                check_real_array(name, a, min_ndim=3, half=True, finite=False)
         *batch, H, L, d_head = q.shape
         batch = tuple(batch)
         if key_mask is not None:
@@ -75,6 +77,7 @@ class _Call:
             raise ValueError(f"grad_output must have the output's shape {batch + (H, L, d_v)}, "
                              f"got {tuple(grad_output.shape)}")
         beta = 1.0 / math.sqrt(d_head) if beta is None else check_beta(beta)
+        check_finite(named)  # one fused reduction: one host read on CuPy
         self.result_dtype = backend.namespace_dtype(xp, result_dtype(q, k, v, grad_output))
         dtype = backend.namespace_dtype(xp, compute_dtype(q, k, v, grad_output))
         N, rep = math.prod(batch), H // H_kv
@@ -93,7 +96,8 @@ class _Call:
         if a is None:
             return None
         xp = self.att.xp
-        return xp.astype(xp.reshape(a, self.shapes[name]), self.result_dtype, copy=False)
+        with np.errstate(over="ignore"):  # a half-precision overflow is caught by check_fits
+            return xp.astype(xp.reshape(a, self.shapes[name]), self.result_dtype, copy=False)
 
 
 def attention(q, k, v, *, beta=None, causal=False, key_mask=None, method="exact", degree=None, tol=None,
@@ -134,7 +138,9 @@ def attention(q, k, v, *, beta=None, causal=False, key_mask=None, method="exact"
     call = _Call(q, k, v, None, beta=beta, causal=causal, key_mask=key_mask, softmax_one=softmax_one)
     p = plan(call.att, method, degree=degree, tol=tol, family=family, targets=())
     _, out = run_output(call.att, p, method)
-    return call.back("out", out)
+    out = call.back("out", out)
+    check_fits(call.result_dtype, out)
+    return out
 
 
 def attention_vjp(q, k, v, grad_output, *, beta=None, causal=False, key_mask=None, method="auto", degree=None,
@@ -154,19 +160,22 @@ def attention_vjp(q, k, v, grad_output, *, beta=None, causal=False, key_mask=Non
         ``dq``, ``dk``, ``dv`` shaped like ``q``, ``k``, ``v`` (``dk``, ``dv`` summed over each key/value
         head's query heads), ``out`` (the forward output, computed on the way), and the plan that ran:
         ``method``, ``degree``, ``features``, ``bound``, ``family``, ``compute_dtype``, ``note``. Arrays in the
-        namespace of the inputs and their promoted dtype. Cost: one forward and one backward pass.
+        namespace of the inputs and their promoted dtype; ``error_bound`` and ``error_estimate`` (poly). Cost:
+        one forward and one backward pass.
 
     Raises
     ------
     ValueError, TypeError
-        For bad input, naming the argument; :class:`gpulora.PolynomialFailure` when ``method="poly"``
-        fails at run time.
+        For bad input, naming the argument; when a result overflows the dtype (float16 results past 65504
+        included); :class:`gpulora.PolynomialFailure` when ``method="poly"`` fails at run time.
     """
     degree, tol, causal, softmax_one = check_options(method, degree, tol, causal, family, softmax_one)
     if grad_output is None:
         raise TypeError("grad_output must be an array of the output's shape (..., H, L, d_v), got None")
     call = _Call(q, k, v, grad_output, beta=beta, causal=causal, key_mask=key_mask, softmax_one=softmax_one)
     p = plan(call.att, method, degree=degree, tol=tol, family=family)
-    p, (_, out, dq, dk, dv), _ = run_vjp(call.att, p, method, grad_output=call.grad_output)
-    return AttentionGrad(dq=call.back("q", dq), dk=call.back("k", dk), dv=call.back("v", dv),
-                         out=call.back("out", out), **p.fields(q.shape[-1]))
+    p, (_, out, dq, dk, dv), est = run_vjp(call.att, p, method, grad_output=call.grad_output)
+    res = AttentionGrad(dq=call.back("q", dq), dk=call.back("k", dk), dv=call.back("v", dv),
+                        out=call.back("out", out), error_estimate=est, **p.fields(q.shape[-1]))
+    check_fits(call.result_dtype, res.dq, res.dk, res.dv, res.out)
+    return res

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from .adapters import adapter_grads, input_grad, output_layout, prepare, projection_grads
 from .dispatch import GRAD_TOL_FACTOR, check_options, error_estimate, plan, run_output, run_vjp
-from .model import GradResult, Head, LoRA, check_parameters
-from .validation import check_bool
+from .model import AdapterGrad, GradResult, Head, LoRA, check_parameters
+from .validation import check_bool, check_fits
 
 __all__ = ["GRAD_TOL_FACTOR", "error_estimate", "forward", "lora_grad", "loss"]
 
@@ -133,7 +133,11 @@ def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, return_dx=
         return loss_, adapter_grads(lora, prob, d_proj), input_grad(prob, d_proj) if return_dx else None
 
     p, (loss_, grads, dx), est = run_vjp(att, p, method, need=need, finish=finish, **upstream)
-    return GradResult(loss=None if loss_ is None else prob.scalar(loss_), grads=grads, dx=dx,
+    loss_ = None if loss_ is None else prob.scalar(loss_)
+    grads = {t: AdapterGrad(B=prob.to_result(g.B), A=prob.to_result(g.A)) for t, g in grads.items()}
+    dx = prob.to_result(dx)
+    check_fits(prob.result_dtype, loss_, *(a for g in grads.values() for a in (g.B, g.A)), dx)
+    return GradResult(loss=loss_, grads=grads, dx=dx,
                       error_estimate=est, **p.fields(prob.q.shape[-1]))
 
 
@@ -152,7 +156,9 @@ def forward(head: Head, lora: LoRA, x, *, method="exact", degree=None, tol=None,
     att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
     _, o = run_output(att, p, method)
-    return output_layout(prob, prob.ungrouped(o))
+    o = output_layout(prob, prob.ungrouped(o))
+    check_fits(prob.result_dtype, o)
+    return o
 
 
 def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None, causal=False, family=None,
@@ -171,7 +177,9 @@ def loss(head: Head, lora: LoRA, x, y, *, method="exact", degree=None, tol=None,
     att = prob.attention(causal)
     p = plan(att, method, degree=degree, tol=tol, family=family, targets=())
     _, out, _ = run_vjp(att, p, method, y=prob.grouped(prob.y), need=())
-    return prob.scalar(out[0])
+    loss_ = prob.scalar(out[0])
+    check_fits(prob.result_dtype, loss_)
+    return loss_
 
 
 lora_grad.__doc__ = lora_grad.__doc__.replace("{layer}", _LAYER_DOC)

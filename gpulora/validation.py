@@ -28,6 +28,7 @@ __all__ = [
     "check_method",
     "check_real_array",
     "check_tol",
+    "check_fits",
     "compute_dtype",
     "result_dtype",
 ]
@@ -214,3 +215,11 @@ def compute_dtype(*arrays) -> np.dtype:
     """The dtype the arithmetic runs in: :func:`result_dtype`, with float16/bfloat16 raised to float32."""
     dtype = result_dtype(*arrays)
     return np.dtype(np.float32) if _is_half(dtype) else dtype
+
+
+def check_fits(dtype, *arrays) -> None:
+    """After results computed in float32 were cast back to a half-precision ``dtype``: raise ``ValueError``
+    if any overflowed it (inf), rather than return inf. A no-op (no host read) for float32/float64."""
+    if _is_half(dtype) and not all_finite(*arrays):
+        raise ValueError(f"a result overflows {np.dtype(dtype).name} (largest {float(np.finfo(dtype).max):.3g}) "
+                         f"although it was computed in float32: pass float32 inputs to get it")

@@ -219,9 +219,11 @@ def test_poly_vjp_holds_tol_on_bounded_problems(case, tol):
     q, k, v, g, opts = make_inputs(9, case, scale=0.35)
     ref = gpulora.attention_vjp(q, k, v, g, method="exact", **opts)
     res = gpulora.attention_vjp(q, k, v, g, method="poly", tol=tol, **opts)
-    assert res.method == "poly" and 0 < res.bound < 3
+    assert res.method == "poly" and 0 < res.bound < 3 and 0 < res.error_bound <= tol
+    assert res.error_estimate == res.error_bound
     for name in ("out", "dq", "dk", "dv"):
-        assert rel_error(getattr(res, name), getattr(ref, name)) <= 10 * tol, name
+        # measured 0.02 .. 0.3 eps with an exact upstream gradient (no residual to amplify the error)
+        assert rel_error(getattr(res, name), getattr(ref, name)) <= res.error_bound, name
     out = gpulora.attention(q, k, v, method="poly", tol=tol, **opts)
     assert rel_error(out, ref.out) <= 10 * tol
 
@@ -302,3 +304,13 @@ def test_huge_padding_rows_change_nothing(causal, method):
     assert res.bound == ref.bound
     for name in ("out", "dq", "dk", "dv"):
         np.testing.assert_array_equal(getattr(res, name), getattr(ref, name))
+
+
+def test_half_precision_overflow_is_refused():
+    """Results computed in float32 that do not fit float16 raise instead of coming back as inf."""
+    case = ((1,), 1, 1, 4, 2, 2, False, None, False)
+    q, k, v, g, opts = make_inputs(13, case, dtype=np.float16)
+    v = np.full_like(v, 6e4)
+    g = np.full_like(g, 6e4)
+    with pytest.raises(ValueError, match="overflows float16"):
+        gpulora.attention_vjp(q, k, v, g, method="exact")

@@ -406,3 +406,10 @@ def test_position_ids_broadcast_over_the_batch():
     c = gpulora.lora_grad(batch2.head, batch2.lora, batch2.x, **kw)
     np.testing.assert_allclose(a.dx, b.dx, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(a.dx, c.dx, rtol=1e-14, atol=1e-15)
+
+
+def test_half_precision_layer_overflow_is_refused():
+    layer, causal = _layer(CASES[0], dtype=np.float16)
+    big = np.full_like(layer.y, 6e4)
+    with pytest.raises(ValueError, match="overflows float16"):
+        gpulora.lora_grad(layer.head, layer.lora, layer.x, big, method="exact")

@@ -172,9 +172,9 @@ class _PeftLinear(torch.nn.Module):
     """The attribute layout and forward of ``peft.tuners.lora.Linear`` (peft is not a test dependency):
     ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``."""
 
-    def __init__(self, d_in, d_out, r, lora_alpha, g):
+    def __init__(self, d_in, d_out, r, lora_alpha, g, bias=False):
         super().__init__()
-        self.base_layer = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.float64)
+        self.base_layer = torch.nn.Linear(d_in, d_out, bias=bias, dtype=torch.float64)
         self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(d_in, r, bias=False, dtype=torch.float64)})
         self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(r, d_out, bias=False, dtype=torch.float64)})
         self.lora_dropout = torch.nn.ModuleDict({"default": torch.nn.Dropout(0.1)})
@@ -182,26 +182,32 @@ class _PeftLinear(torch.nn.Module):
         with torch.no_grad():
             for p in (self.base_layer.weight, self.lora_A["default"].weight, self.lora_B["default"].weight):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / p.shape[1] ** 0.5)
-        self.base_layer.weight.requires_grad_(False)
+        self.base_layer.requires_grad_(False)
 
     def forward(self, x):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](
             self.lora_dropout["default"](x))) * self.scaling["default"]
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_peft_layers_map_onto_head_and_lora(causal):
-    """Gradients of PEFT-layout modules by torch autograd (modules' own forward) == peft_backward's."""
+def test_peft_layers_map_onto_head_and_lora(causal, bias):
+    """Gradients of PEFT-layout modules by torch autograd (modules' own forward) == peft_backward's,
+    with and without q/k/v biases (BERT-type layers have them)."""
     g = torch.Generator().manual_seed(56)
     d_model, heads, d_head, L = 8, 2, 3, 11
-    q_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g)
-    k_proj = torch.nn.Linear(d_model, heads * d_head, bias=False, dtype=torch.float64)  # not adapted
-    v_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g)
+    q_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g, bias=bias)
+    k_proj = torch.nn.Linear(d_model, heads * d_head, bias=bias, dtype=torch.float64)  # not adapted
+    v_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g, bias=bias)
     x = torch.randn(2, L, d_model, generator=g, dtype=torch.float64)
     y = torch.randn(2, L, heads * d_head, generator=g, dtype=torch.float64)
     for m in (q_proj, k_proj, v_proj):
         m.eval()
-    k_proj.weight.requires_grad_(False)
+    k_proj.requires_grad_(False)
+    if bias:
+        with torch.no_grad():
+            for m in (q_proj.base_layer, k_proj, v_proj.base_layer):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
 
     def split(z):
         return z.reshape(2, L, heads, d_head).transpose(1, 2)
@@ -218,6 +224,7 @@ def test_peft_layers_map_onto_head_and_lora(causal):
 
     att = gt.from_peft(q_proj, k_proj, v_proj)
     assert set(att.adapters) == {"q", "v"} and att.alpha == pytest.approx(8.0)
+    assert set(att.biases) == ({"q", "k", "v"} if bias else set())
     assert att.w_q.data_ptr() == q_proj.base_layer.weight.data_ptr()  # views, no copies
     res = gt.peft_backward(att, x, y, heads=heads, method="exact", causal=causal)
     for t, m in (("q", q_proj), ("v", v_proj)):
@@ -226,6 +233,13 @@ def test_peft_layers_map_onto_head_and_lora(causal):
     assert res.method == "exact"
     gt.peft_backward(att, x, y, heads=heads, method="exact", causal=causal)  # accumulates, like backward()
     assert rel_error(q_proj.lora_A["default"].weight.grad.numpy(), 2 * want["q"][0].numpy()) < 1e-10
+    leaves = {t: tuple(a.detach().clone().requires_grad_() for a in pair) for t, pair in att.adapters.items()}
+    loss = gt.attention_loss(x, y, att.w_q, att.w_k, att.w_v, leaves, alpha=att.alpha, heads=heads,
+                             method="exact", causal=causal, biases=att.biases)
+    loss.backward()
+    for t in ("q", "v"):
+        assert rel_error(leaves[t][0].grad.T.numpy(), want[t][0].numpy()) < 1e-10
+        assert rel_error(leaves[t][1].grad.T.numpy(), want[t][1].numpy()) < 1e-10
     q_proj.train()
     with pytest.raises(ValueError, match="dropout"):
         gt.from_peft(q_proj, k_proj, v_proj)

@@ -187,7 +187,7 @@ def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, key_vali
 
 
 def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, softmax_one=False, key_valid=None,
-                  need=("q", "k", "v"), block_q=None, block_k=None):
+                  need=("q", "k", "v"), block_q=None, block_k=None, row0=0):
     """Exact attention output and the vector-Jacobian product for an upstream gradient (or the paper's loss).
 
     Parameters
@@ -208,6 +208,11 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
         Gradients to compute; an empty ``need`` gives the output (and loss) alone.
     block_q, block_k : int, optional
         Force block sizes (tests); by default chosen by :func:`block_sizes`.
+    row0 : int
+        Position of the first query row among the keys (token-sharded exact, :mod:`gpulora.distributed`):
+        ``q``, ``grad_output``/``y`` are the rows ``row0 .. row0 + Lq`` of a sequence whose ``L`` keys ``k``,
+        ``v`` are all given. ``dq`` and the loss are then those rows'; ``dk``, ``dv`` are their partial sums
+        over the whole sequence. Cost ``O(Lq L (d_head + d_v))``.
 
     Returns
     -------
@@ -221,9 +226,9 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
     upstream = y if grad_output is None else grad_output
     xp = backend.namespace(q, k, v, upstream)
     need = set(need)
-    L = q.shape[-2]
+    L, Lk = q.shape[-2], k.shape[-2]
     lead = tuple(max(a, b) for a, b in zip(q.shape[:-2], k.shape[:-2]))
-    bq, bk = block_sizes(math.prod(lead), L, block_q, block_k, elements=_elements(q))
+    bq, bk = block_sizes(math.prod(lead), Lk, block_q, block_k, elements=_elements(q))
     out = backend.empty(lead + (L, v.shape[-1]), q.dtype, xp)
     dq = backend.empty(q.shape, q.dtype, xp) if "q" in need else None
     dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
@@ -232,9 +237,9 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
         qb = beta * q[..., i0:i1, :]  # dK = beta P^T Q = P^T (beta Q): beta costs O(L d), no block pass
-        kv_end = _kv_end(L, i1, causal)
-        o, lse, el = _forward_rows(xp, qb, k, v, 1, i0, kv_end, bk, causal, softmax_one, key_valid)
-        valid = _row_valid(key_valid, i0, i1)
+        kv_end = _kv_end(Lk, row0 + i1, causal)
+        o, lse, el = _forward_rows(xp, qb, k, v, 1, row0 + i0, kv_end, bk, causal, softmax_one, key_valid)
+        valid = _row_valid(key_valid, row0 + i0, row0 + i1)
         if valid is not None:
             o = xp.where(valid, o, 0.0)
         out[..., i0:i1, :] = o
@@ -257,7 +262,7 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
             if el is not None:
                 fb = el[0]
             else:
-                fb = _exp_shifted(xp, scores(xp, qb, kb, 1, i0, j0, causal, key_valid=key_valid), lse)
+                fb = _exp_shifted(xp, scores(xp, qb, kb, 1, row0 + i0, j0, causal, key_valid=key_valid), lse)
             if dv is not None:
                 dv[..., j0:j1, :] += _sum_to(xp, fb.mT @ g, vb.shape)
             if dq is None and dk is None:
