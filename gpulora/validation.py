@@ -60,7 +60,10 @@ def _check_array_type(name: str, a) -> None:
 
 
 def _is_half(dtype) -> bool:
-    return np.dtype(dtype).name in _HALF
+    try:
+        return np.dtype(dtype).name in _HALF
+    except TypeError:  # another array API library's dtype object: its half types are not supported anyway
+        return False
 
 
 def check_real_array(name: str, a, *, ndim=None, min_ndim=None, finite: bool = True, half: bool = False):
