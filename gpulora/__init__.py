@@ -4,8 +4,9 @@ The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`,
 :func:`loss`, :func:`diagnose`, :func:`poly_features`, the q/k/v-level :func:`attention` and
 :func:`attention_vjp` (:mod:`gpulora.functional`), the warning category :class:`AccuracyWarning`;
 problems on disk in :mod:`gpulora.io`; the subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with
-``compile_ptx_all``; ``gpulora[ptx]``). Arrays are NumPy or CuPy, float16, bfloat16 (ml_dtypes), float32
-or float64 (half precision is computed in float32). The mathematics: docs/math.md.
+``compile_ptx_all``; ``gpulora[ptx]``). Arrays are NumPy, CuPy or any other array-API-standard arrays,
+float16, bfloat16 (ml_dtypes), float32 or float64 (half precision is computed in float32). The mathematics:
+docs/math.md.
 """
 
 import importlib.abc

@@ -593,6 +593,12 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     return out
 
 
+def _pick_rows(xp, a, n, rows):
+    """``a[n, rows]`` for ``a (N, L, ...)`` and index arrays ``n``, ``rows``: one ``take`` of the flattened
+    rows (the array API's integer-array indexing does not mix with slices)."""
+    return xp.take(xp.reshape(a, (-1,) + tuple(a.shape[2:])), n * a.shape[1] + rows, axis=0)
+
+
 def check_extreme_pairs(qs, k, choice: PolyChoice, *, query_mask=None, key_mask=None, factor: float = 10.0) -> None:
     """Measure the rounding of ``phi . psi`` where it is worst, and raise if it is far past the estimate.
 
@@ -625,12 +631,12 @@ def check_extreme_pairs(qs, k, choice: PolyChoice, *, query_mask=None, key_mask=
     n = xp.arange(q2.shape[0])
     i_star = xp.argmax(masked(row_sums(q2 * q2)[..., 0], mq, -1.0), axis=-1)  # [n]
     j_star = xp.argmax(masked(row_sums(k2 * k2)[..., 0], mk, -1.0), axis=-1)
-    j_opp = xp.argmin(masked((k2 @ q2[n, i_star][:, :, None])[..., 0], mk, math.inf), axis=-1)
-    i_opp = xp.argmin(masked((q2 @ k2[n, j_star][:, :, None])[..., 0], mq, math.inf), axis=-1)
+    j_opp = xp.argmin(masked((k2 @ _pick_rows(xp, q2, n, i_star)[:, :, None])[..., 0], mk, math.inf), axis=-1)
+    i_opp = xp.argmin(masked((q2 @ _pick_rows(xp, k2, n, j_star)[:, :, None])[..., 0], mq, math.inf), axis=-1)
     rows = xp.concat([i_star, i_star, i_opp])
     cols = xp.concat([j_star, j_opp, j_star])
     nn = xp.concat([n, n, n])
-    qa, ka = q2[nn, rows], k2[nn, cols]  # [3 n, d]
+    qa, ka = _pick_rows(xp, q2, nn, rows), _pick_rows(xp, k2, nn, cols)  # [3 n, d]
     # one row per leading axis: each row's features lie contiguous, so the sum below runs along memory
     fq = _Features(xp, d, choice, "query", qs.dtype)(qa[:, None, :])[:, 0, :]
     fk = _Features(xp, d, choice, "key", qs.dtype)(ka[:, None, :])[:, 0, :]
@@ -639,9 +645,9 @@ def check_extreme_pairs(qs, k, choice: PolyChoice, *, query_mask=None, key_mask=
     if mq is not None or mk is not None:  # a leading index without a real query or key checks nothing
         ok = xp.ones(nn.shape, dtype=xp.bool)
         if mq is not None:
-            ok = xp.logical_and(ok, mq[nn, rows])
+            ok = xp.logical_and(ok, _pick_rows(xp, mq, nn, rows))
         if mk is not None:
-            ok = xp.logical_and(ok, mk[nn, cols])
+            ok = xp.logical_and(ok, _pick_rows(xp, mk, nn, cols))
         got, s = xp.where(ok, got, 1.0), xp.where(ok, s, 0.0)
         fix = backend.to_numpy(ok)
     got, s = backend.to_numpy(got).astype(np.float64), backend.to_numpy(s).astype(np.float64)
@@ -649,7 +655,7 @@ def check_extreme_pairs(qs, k, choice: PolyChoice, *, query_mask=None, key_mask=
     if mq is not None or mk is not None:
         got = np.where(fix, got, want)
     dev = float(np.max(np.abs(got - want) / np.abs(want))) if want.size else 0.0
-    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(np.finfo(np.dtype(str(qs.dtype))).eps))
+    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(xp.finfo(qs.dtype).eps))
     if not dev <= allowed:
         raise PolynomialFailure(
             f"the degree-{choice.degree} {choice.family} polynomial lost its accuracy to rounding in "

@@ -169,7 +169,7 @@ def poly_features(z, degree, *, family="taylor", bound=None, side="key"):
     if z.shape[-1] < 1:
         raise ValueError(f"z must have at least one coordinate (d >= 1), got shape {tuple(z.shape)}")
     rows = math.prod(z.shape[:-1])
-    check_budget(z.shape[-1], degree, nbytes=rows * math.comb(z.shape[-1] + degree, degree) * z.dtype.itemsize,
+    check_budget(z.shape[-1], degree, nbytes=rows * math.comb(z.shape[-1] + degree, degree) * backend.host_dtype(z).itemsize,
                  what=f"poly_features of z {tuple(z.shape)}")
     xp = backend.namespace(z)
     if bound is None:
