@@ -91,7 +91,7 @@ def test_sdist_manifest_carries_what_the_tests_need():
     manifest = (ROOT / "MANIFEST.in").read_text().split()
     for folder in ("tests", "docs", "examples", "asv_bench"):
         assert folder in manifest, folder
-    for name in ("LICENSE", "README.md", "BENCHMARKS.md"):
+    for name in ("LICENSE", "README.md", "BENCHMARKS.md", ".gitignore"):
         assert name in manifest, name
 
 
