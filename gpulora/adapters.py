@@ -51,6 +51,9 @@ def prepare(head: Head, lora: LoRA, x, y=None) -> Problem:
         raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
     if not isinstance(lora, LoRA):
         raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    unknown = [t for t in lora.targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS}")
     check_real_array("x", x, ndim=(2, 3))
     arrays = [x, head.w_q, head.w_k, head.w_v] + [a for pair in lora.adapters.values() for a in pair]
     if y is not None:

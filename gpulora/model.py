@@ -14,9 +14,11 @@ from typing import Any, Mapping
 from . import backend
 from .validation import check_alpha, check_beta, check_real_array
 
-__all__ = ["TARGETS", "AdapterGrad", "GradResult", "Head", "LoRA"]
+__all__ = ["KNOWN_TARGETS", "TARGETS", "TENSOR_TARGETS", "AdapterGrad", "GradResult", "Head", "LoRA"]
 
 TARGETS = ("q", "k", "v")
+TENSOR_TARGETS = ("q", "k1", "k2", "v1", "v2")  # gpulora.tensor.TensorHead
+KNOWN_TARGETS = TARGETS + TENSOR_TARGETS[1:]  # what LoRA accepts; each head checks its own
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,12 +90,13 @@ class Head:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoRA:
-    """Low-rank adapters ``W = W0 + (alpha / r) B @ A`` for a non-empty subset of the targets q, k, v.
+    """Low-rank adapters ``W = W0 + (alpha / r) B @ A`` for a non-empty subset of the targets of a head.
 
     Parameters
     ----------
     adapters : mapping of str to (B, A)
-        Target name (``"q"``, ``"k"``, ``"v"``) to a pair ``B (d_model, r)``, ``A (r, d_out)``; ``r`` may
+        Target name (``"q"``, ``"k"``, ``"v"`` for a :class:`Head`; ``"q"``, ``"k1"``, ``"k2"``, ``"v1"``,
+        ``"v2"`` for a :class:`gpulora.tensor.TensorHead`; the head checks its own) to a pair ``B (d_model, r)``, ``A (r, d_out)``; ``r`` may
         differ between targets. ``{"q", "v"}`` is the paper's partial adaptation, ``{"q", "k", "v"}`` its
         full adaptation. PEFT: ``B = lora_A.weight.T``, ``A = lora_B.weight.T``.
     alpha : float
@@ -108,9 +111,10 @@ class LoRA:
             raise TypeError(f"adapters must be a dict of target -> (B, A), got {type(self.adapters).__name__}")
         if not self.adapters:
             raise ValueError(f"adapters must name at least one target of {TARGETS}")
-        unknown = [t for t in self.adapters if t not in TARGETS]
+        unknown = [t for t in self.adapters if t not in KNOWN_TARGETS]
         if unknown:
-            raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS}")
+            raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS} "
+                             f"(or of {TENSOR_TARGETS} for a tensor head)")
         arrays = []
         for t, pair in self.adapters.items():
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -126,11 +130,11 @@ class LoRA:
             arrays += [b, a]
         backend.namespace(*arrays)
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        object.__setattr__(self, "adapters", {t: tuple(self.adapters[t]) for t in TARGETS if t in self.adapters})
+        object.__setattr__(self, "adapters", {t: tuple(self.adapters[t]) for t in KNOWN_TARGETS if t in self.adapters})
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """The adapted targets, in q, k, v order."""
+        """The adapted targets, in q, k, v (then k1, k2, v1, v2) order."""
         return tuple(self.adapters)
 
     def scaling(self, target: str) -> float:
