@@ -126,7 +126,8 @@ def plan(projections, beta, method, *, degree=None, tol=None, targets=TARGETS) -
         choice, compute = choose(bound, tol=tol, degree=degree, dtype=dtype)
     except ValueError as err:
         if method == "poly":
-            raise
+            raise ValueError(f"tensor attention with score bound M = beta max|q| max|k1 * k2| = {bound:.3g}: "
+                             f"{err}") from None
         return Plan("exact", bound, note=f"auto: poly cannot meet the tolerance here ({err})")
     if method == "poly":
         return Plan("poly", bound, choice, compute)

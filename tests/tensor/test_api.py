@@ -73,6 +73,8 @@ def test_auto_chooses_by_cost_and_falls_back_when_poly_fails(monkeypatch):
     far = make_problem(3, L=8, d_model=8, d_head=2, d_v=2, r=2, score_bound_=40.0)
     res = T.lora_grad(far.head, far.lora, far.x, far.y, method="auto")
     assert res.method == "exact" and "cannot meet" in res.note
+    with pytest.raises(ValueError, match="tensor attention with score bound M .* phase transition"):
+        T.lora_grad(far.head, far.lora, far.x, far.y, method="poly")
 
 
 @pytest.mark.parametrize("method", ["exact", "poly"])
