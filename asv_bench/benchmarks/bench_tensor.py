@@ -107,3 +107,48 @@ class TensorPolyError(Benchmark):
         return _max_rel_error(poly, exact)
 
     track_rel_error_poly_vs_exact.unit = "relative error"
+
+
+def scaling_study(exact_lengths=(16, 32, 64, 128, 256, 512, 1024),
+                  poly_lengths=(16, 32, 64, 128, 256, 1024, 4096, 16384, 65536),
+                  degrees=(2, 3, 4), d_head=4, repeat=5):
+    """The figures of BENCHMARKS.md ("Tensor attention") without asv: best-of-``repeat`` wall times, peak
+    allocations (tracemalloc) and poly-vs-exact errors, then least-squares exponents and the crossover
+    of the fitted power laws. Prints Markdown. ``python -m benchmarks.bench_tensor`` from ``asv_bench/``."""
+    import math
+
+    xp, rows, exact_runs = np, [], {}
+    problem(xp, 16, d_head, "float64")  # imports and caches
+    for L in sorted(set(exact_lengths) | set(poly_lengths)):
+        p = problem(xp, L, d_head, "float64")
+        if L in exact_lengths:
+            fn = lambda: tensor.lora_grad(p.head, p.lora, p.x, p.y, method="exact")  # noqa: E731
+            t = best_seconds(fn, budget=math.inf, max_repeat=repeat if L <= 256 else 1)
+            exact_runs[L] = fn() if L <= 256 else None
+            rows.append(("exact", L, None, t, peak_alloc_mib(fn) if L <= 512 else math.nan, None))
+        if L in poly_lengths:
+            for g in degrees:
+                fn = lambda: tensor.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=g)  # noqa: E731
+                t = best_seconds(fn, budget=math.inf, max_repeat=repeat)
+                err = _max_rel_error(fn(), exact_runs[L]) if exact_runs.get(L) is not None else None
+                rows.append((f"poly g={g} (k={feature_dim(d_head, g)})", L, g, t, peak_alloc_mib(fn), err))
+    print("| method | L | time | alloc of the call | max rel. error vs exact |\n|---|---:|---:|---:|---:|")
+    for name, L, _, t, mib, err in rows:
+        print(f"| {name} | {L} | {t:.3g} s | {mib:.3g} MiB | {'-' if err is None else f'{err:.2e}'} |")
+
+    def fit(points):
+        x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+        return np.polyfit(x, y, 1)
+
+    ex = [(L, t) for name, L, _, t, _, _ in rows if name == "exact" and L >= 128]
+    a, b = fit(ex)
+    print(f"\nexact exponent (L = {ex[0][0]}..{ex[-1][0]}): {a:.2f}")
+    for g in degrees:
+        pts = [(L, t) for _, L, gg, t, _, _ in rows if gg == g and L >= 1024]
+        pa, pb = fit(pts)
+        cross = math.exp((pb - b) / (a - pa))
+        print(f"poly g={g}: exponent (L = {pts[0][0]}..{pts[-1][0]}) {pa:.2f}; fitted crossover L* = {cross:.3g}")
+
+
+if __name__ == "__main__":
+    scaling_study()

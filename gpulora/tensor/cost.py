@@ -12,12 +12,13 @@ import math
 __all__ = ["RATES", "exact_flops", "exact_seconds", "log_threshold", "poly_flops", "poly_seconds"]
 
 # Effective flop rates (flop/s) of each path as a whole, GEMMs, exp and Python overhead included.
-# numpy: the 2-core x86-64 machine (OpenBLAS), float64, all five targets, d_head = d_v = 4: exact = median
-#   rate at L = 128..512, poly = median at L = 4096..65536 for g = 2..4 (BENCHMARKS.md, "Tensor attention").
+# numpy: the 2-core x86-64 machine (OpenBLAS, one thread), float64, all five targets, d_head = d_v = 4
+#   (BENCHMARKS.md, "Tensor attention"): exact = median rate over L = 128..1024 (1.5 .. 2.9 GFLOP/s),
+#   poly = median over g = 2..4 at L = 4096..65536 (0.56 .. 1.9 GFLOP/s).
 # cupy: NOT MEASURED (no GPU lent); the NumPy values stand in so that "auto" chooses by operation count.
 RATES = {
-    "numpy": {"exact": 1.0e9, "poly": 3.0e9},
-    "cupy": {"exact": 1.0e9, "poly": 3.0e9},
+    "numpy": {"exact": 2.1e9, "poly": 1.0e9},
+    "cupy": {"exact": 2.1e9, "poly": 1.0e9},
 }
 _EXACT_ELEMENTWISE = 12  # exp, max, rescale, P, products with the broadcast rows: flop-equivalents per triple
 

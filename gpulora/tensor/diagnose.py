@@ -1,9 +1,9 @@
 """Where a tensor-attention problem sits relative to its phase transition, in numbers of its own.
 
 Alman & Song (ICLR 2024): tensor attention can be computed in almost-linear time when the entries of
-``Q``, ``K1``, ``K2`` are ``o(cbrt(log L))`` (the scores then stay below about ``log L``... the polynomial
-of degree ``o(log L)`` with ``k = C(d + g, g)`` features suffices), and not in truly sub-cubic time above
-``Omega(cbrt(log L))`` under SETH; Liang, Shi, Song and Zhou (2024) show the same for the backward.
+``Q``, ``K1``, ``K2`` are ``o(cbrt(log L))`` (a polynomial of low degree then approximates ``exp`` on the
+scores), and not in truly sub-cubic time when they are ``Omega(cbrt(log L))``, under SETH; Liang, Shi,
+Song and Zhou (2024) show the same for the backward.
 :func:`diagnose` reports the cheap bound ``M`` (:func:`gpulora.tensor.chain.score_bound`), the exact
 ``max |S|`` when ``L`` is small enough, the threshold scale ``cbrt(log L)``, the polynomial that ``tol``
 needs and the modelled cost of both methods.
