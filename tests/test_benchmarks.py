@@ -15,6 +15,7 @@ import json
 import math
 import pathlib
 import shutil
+import os
 import subprocess
 import sys
 
@@ -65,7 +66,12 @@ def test_suite_has_benchmarks():
                     reason="asv is not installed")
 def test_asv_check():
     cmd = [sys.executable, "-m", "asv", "check", "--python=same"]
-    done = subprocess.run(cmd, cwd=ASV_DIR, capture_output=True, text=True, timeout=300)
+    # asv drops PYTHONPATH from its benchmark processes and honours ASV_PYTHONPATH: pass on the folder this
+    # gpulora was imported from, so a checkout on sys.path is checked as well as an installed package.
+    import gpulora
+
+    env = dict(os.environ, ASV_PYTHONPATH=os.path.dirname(os.path.dirname(gpulora.__file__)))
+    done = subprocess.run(cmd, cwd=ASV_DIR, capture_output=True, text=True, timeout=300, env=env)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "No problems found" in out, out
