@@ -95,10 +95,11 @@ class LoRA:
     Parameters
     ----------
     adapters : mapping of str to (B, A)
-        Target name (``"q"``, ``"k"``, ``"v"`` for a :class:`Head`; ``"q"``, ``"k1"``, ``"k2"``, ``"v1"``,
-        ``"v2"`` for a :class:`gpulora.tensor.TensorHead`; the head checks its own) to a pair ``B (d_model, r)``, ``A (r, d_out)``; ``r`` may
+        Target name (``"q"``, ``"k"``, ``"v"``) to a pair ``B (d_model, r)``, ``A (r, d_out)``; ``r`` may
         differ between targets. ``{"q", "v"}`` is the paper's partial adaptation, ``{"q", "k", "v"}`` its
         full adaptation. PEFT: ``B = lora_A.weight.T``, ``A = lora_B.weight.T``.
+        Tensor heads (:class:`gpulora.tensor.TensorHead`) take ``"q"``, ``"k1"``, ``"k2"``, ``"v1"``,
+        ``"v2"`` instead; each head checks the targets it has.
     alpha : float
         LoRA scaling numerator; the scaling of an adapter of rank ``r`` is ``alpha / r``.
     """

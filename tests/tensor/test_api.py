@@ -218,3 +218,9 @@ def test_numpy_and_cupy_agree(xp):
         for t in T.TARGETS:
             assert type(b.grads[t].B) is type(dev.x)
             assert rel_error(b.grads[t].B, a.grads[t].B) < 1e-10 and rel_error(b.grads[t].A, a.grads[t].A) < 1e-10
+
+
+def test_every_public_tensor_name_imports():
+    for name in T.__all__:
+        assert getattr(T, name) is not None, name
+    assert T.TARGETS == ("q", "k1", "k2", "v1", "v2") and DEFAULT_TOL == 1e-3
