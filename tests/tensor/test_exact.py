@@ -68,3 +68,23 @@ def test_float32_is_within_float32_rounding():
     for a, b in zip(got[1:], ref[1:]):
         assert a.dtype == np.float32
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+
+
+def test_memory_is_linear_in_L(monkeypatch):
+    """With a small tile budget, the peak allocation of the exact gradient is one tile plus O(L) arrays:
+    from L = 64 to 192 it grows by far less than one L x L float64 matrix (an L^2 or L^3 temporary would
+    add at least 295 kB at L = 192)."""
+    import tracemalloc
+
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 1 << 12)
+    exact.loss_and_grads(*_inputs(5, (), 8, 4, 4)[0], 0.5, y=_inputs(5, (), 8, 4, 4)[1])  # lazy imports
+    peaks = []
+    for L in (64, 192):
+        arrays, y = _inputs(5, (), L, 4, 4)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        exact.loss_and_grads(*arrays, 0.5, y=y)
+        peaks.append(tracemalloc.get_traced_memory()[1] - base)
+        tracemalloc.stop()
+    assert exact.block_sizes(1, 192, 4)[1:] != (192, 192)  # tiled, two sweeps
+    assert peaks[1] - peaks[0] < 0.5 * 192 * 192 * 8, peaks  # measured: about 14 kB (the O(L) outputs)
