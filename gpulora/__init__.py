@@ -1,8 +1,9 @@
 """gpulora: exact and almost-linear-time (polynomial method) LoRA gradients of attention heads.
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
-:func:`loss`, :func:`diagnose`, :func:`poly_features`, and the subpackage :mod:`gpulora.kernels`
-(Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or CuPy, float32 or float64.
+:func:`loss`, :func:`diagnose`, :func:`poly_features`, the warning category :class:`AccuracyWarning`,
+and the subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy
+or CuPy, float32 or float64.
 """
 
 from .diagnose import Diagnosis as Diagnosis
@@ -10,6 +11,7 @@ from .diagnose import diagnose as diagnose
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss
+from .model import AccuracyWarning as AccuracyWarning
 from .model import AdapterGrad as AdapterGrad
 from .model import GradResult as GradResult
 from .model import Head as Head
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TOL",
+    "AccuracyWarning",
     "AdapterGrad",
     "Diagnosis",
     "GradResult",

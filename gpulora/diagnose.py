@@ -23,10 +23,11 @@ import numpy as np
 from . import backend, cost
 from .adapters import prepare
 from .exact.attention import block_sizes, scores
-from .model import Head, LoRA
+from .model import Head, LoRA, check_parameters
+from .poly.budget import check_budget, poly_bytes
 from .poly.chain import score_bound
 from .poly.coefficients import DEFAULT_TOL, choose
-from .validation import check_tol
+from .validation import check_bool, check_tol
 
 __all__ = ["Diagnosis", "diagnose", "exact_max_score"]
 
@@ -125,9 +126,13 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     -------
     Diagnosis
         Prints as a short table. Cost ``O(L d)``, plus ``O(L^2 d)`` for the exact ``max |S|`` when
-        ``batch * H * L^2 <= 2^26``.
+        ``batch * H * L^2 <= 2^26``. A polynomial over the feature budget (:mod:`gpulora.poly.budget`) is
+        shown with the reason in the notes, and poly is not recommended.
     """
     tol = DEFAULT_TOL if tol is None else check_tol(tol)
+    causal = check_bool("causal", causal)
+    if isinstance(head, Head) and isinstance(lora, LoRA):  # else prepare names the wrong type
+        check_parameters(head, lora)
     prob = prepare(head, lora, x)
     q, k = prob.q, prob.k
     batch, heads, L, d_head = q.shape
@@ -147,8 +152,16 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     except ValueError as err:
         choice = compute = None
         notes.append(str(err))
-    p_flops = p_sec = None
+    over_budget = False
     if choice is not None:
+        try:
+            check_budget(d_head, choice.degree, what=f"the {choice.family} polynomial",
+                         nbytes=poly_bytes(lead, L, choice.features(d_head), d_head, d_v, compute.itemsize))
+        except ValueError as err:
+            notes.append(str(err))
+            over_budget = True
+    p_flops = p_sec = None
+    if choice is not None and not over_budget:
         k = choice.features(d_head)
         p_flops = lead * cost.poly_flops(L, d_head, d_v, k, targets, causal=causal)
         p_sec = lead * cost.poly_seconds(L, d_head, d_v, k, targets, backend=name, causal=causal,

@@ -12,13 +12,23 @@ import math
 from typing import Any, Mapping
 
 from . import backend
-from .validation import check_alpha, check_beta, check_real_array
+from .validation import check_alpha, check_beta, check_bool, check_finite, check_int, check_real_array
 
-__all__ = ["KNOWN_TARGETS", "TARGETS", "TENSOR_TARGETS", "AdapterGrad", "GradResult", "Head", "LoRA"]
+__all__ = ["KNOWN_TARGETS", "TARGETS", "TENSOR_TARGETS", "AccuracyWarning", "AdapterGrad", "GradResult", "Head", "LoRA",
+           "check_parameters"]
 
 TARGETS = ("q", "k", "v")
 TENSOR_TARGETS = ("q", "k1", "k2", "v1", "v2")  # gpulora.tensor.TensorHead
 KNOWN_TARGETS = TARGETS + TENSOR_TARGETS[1:]  # what LoRA accepts; each head checks its own
+
+
+class AccuracyWarning(UserWarning):
+    """The result may miss the requested accuracy: a fixed ``degree=`` whose error bound exceeds ``tol``, or a
+    ``method="poly"`` call whose a-posteriori estimate (:attr:`GradResult.error_estimate`) exceeds ``tol``.
+
+    Filter it like any warning (``warnings.simplefilter("error", gpulora.AccuracyWarning)`` turns it into
+    an exception). ``method="auto"`` never emits it: it runs exact instead.
+    """
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -50,11 +60,11 @@ class Head:
         for name in ("w_q", "w_k", "w_v"):
             check_real_array(name, getattr(self, name), ndim=2)
         backend.namespace(self.w_q, self.w_k, self.w_v)
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
-            raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
-        if not isinstance(self.softmax_one, bool):
-            raise TypeError(f"softmax_one must be a bool, got {type(self.softmax_one).__name__}")
+        object.__setattr__(self, "heads", check_int("heads", self.heads, minimum=1))
+        object.__setattr__(self, "softmax_one", check_bool("softmax_one", self.softmax_one))
         d_model = self.w_q.shape[0]
+        if d_model < 1:
+            raise ValueError(f"w_q must have d_model >= 1 rows, got shape {tuple(self.w_q.shape)}")
         for name in ("w_k", "w_v"):
             if getattr(self, name).shape[0] != d_model:
                 raise ValueError(
@@ -86,6 +96,10 @@ class Head:
     def weight(self, target: str):
         """The frozen weight of ``target`` (``"q"``, ``"k"`` or ``"v"``)."""
         return {"q": self.w_q, "k": self.w_k, "v": self.w_v}[target]
+
+    def arrays(self) -> dict:
+        """``{name: array}`` of the weights, named as in error messages."""
+        return {"w_q": self.w_q, "w_k": self.w_k, "w_v": self.w_v}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -142,6 +156,26 @@ class LoRA:
         """``alpha / r`` of the adapter of ``target``."""
         return self.alpha / self.adapters[target][0].shape[1]
 
+    def arrays(self) -> dict:
+        """``{name: array}`` of every ``B`` and ``A``, named as in error messages."""
+        out = {}
+        for t, (b, a) in self.adapters.items():
+            out[f"adapters[{t!r}] B"], out[f"adapters[{t!r}] A"] = b, a
+        return out
+
+
+def check_parameters(head: Head, lora: LoRA) -> None:
+    """Re-check at call time that the weights and adapters are finite: they may have been changed in place
+    since :class:`Head` and :class:`LoRA` were built (the usual training loop updates ``B`` and ``A`` in
+    place). One fused reduction over all of them, one host read on CuPy; ``O(d_model (d + r))``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first array that holds NaN or inf.
+    """
+    check_finite({**head.arrays(), **lora.arrays()})
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterGrad:
@@ -174,6 +208,17 @@ class GradResult:
         would exceed the tolerance).
     note : str
         Why ``method="auto"`` chose what it did (empty otherwise).
+    error_bound : float
+        A-priori bound ``eps`` on the relative error of ``p ~ exp`` on ``[-M, M]``: the measured
+        approximation error plus the estimated rounding in ``compute_dtype`` (poly; 0 for exact). Every
+        attention weight is then within a relative ``2 eps / (1 - eps)`` and every output row within
+        ``2 eps / (1 - eps) * max_j |v_j - mean(v)|``.
+    error_estimate : float
+        A-posteriori estimate of the relative (Frobenius) error of the gradients, for this call:
+        ``eps + E / (|G~| - E)`` with ``|G~|`` the norm of the computed residual ``O~ - y`` and ``E`` the
+        bound above on the output error summed over rows (``inf`` when ``|G~| <= E``: the residual may be
+        all approximation error, near a perfect fit). Poly only, 0 for exact. See README, "Precision and
+        tolerance", for how ``method="auto"`` uses it.
     """
 
     loss: Any
@@ -185,3 +230,5 @@ class GradResult:
     family: str | None = None
     compute_dtype: str | None = None
     note: str = ""
+    error_bound: float = 0.0
+    error_estimate: float = 0.0

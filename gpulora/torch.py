@@ -46,18 +46,27 @@ _DTYPES = (torch.float32, torch.float64)
 def to_array(t, name: str = "tensor"):
     """A NumPy (CPU tensor) or CuPy (CUDA tensor) array sharing ``t``'s memory, through DLPack.
 
-    ``t`` is detached first (same storage). Non-contiguous tensors (e.g. ``weight.T``) stay views.
+    ``t`` is detached first (same storage). Non-contiguous tensors (e.g. ``weight.T``) stay views. A tensor
+    with a lazy negation or conjugation bit (``t.is_neg()``, e.g. from ``x.conj()`` views; DLPack would
+    drop the bit) is resolved first, which copies it.
 
     Raises
     ------
     TypeError
-        ``t`` is not a tensor, not float32/float64, or on a device other than CPU and CUDA.
+        ``t`` is not a tensor; is sparse, quantized, complex or not float32/float64; or is on a device
+        other than CPU and CUDA (e.g. ``meta``).
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; pass {name}.to_dense()")
+    if t.is_quantized:
+        raise TypeError(f"{name} must be a float32 or float64 tensor, got the quantized {t.dtype}; dequantize it")
     if t.dtype not in _DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}; cast it with .to(torch.float32)")
     t = t.detach()
+    if t.is_neg() or t.is_conj():  # lazy bits that DLPack does not carry
+        t = t.resolve_neg().resolve_conj()
     if t.device.type == "cpu":
         return np.from_dlpack(t)
     if t.device.type == "cuda":

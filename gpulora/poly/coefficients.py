@@ -23,6 +23,14 @@ as ``p(-M) ~ e^-M`` (for taylor ``kappa ~ e^{2M}``). Against the measured table 
 estimate is conservative by 3..20x. A problem is computed in its input dtype when approximation plus
 rounding stay within ``tol``, else in float64; when even float64 cannot, :func:`choose` refuses.
 
+**Where no polynomial can work.** For any ``p`` within a relative ``e`` of ``exp`` at ``t = +-M``,
+``sum_m |c_m| M^m >= p(M) >= (1 - e) e^M`` and ``min p <= p(-M) <= (1 + e) e^-M``, so
+``kappa >= (1 - e) / (1 + e) * e^{2M}``: the rounding alone exceeds ``tol`` in float64 once
+``M > feasible_bound(tol) = 0.5 ln(tol (1 + tol) / (u (1 - tol)))`` (14.9 at tol 1e-3). :func:`choose`
+refuses such bounds at once, without searching (no overflow, no warning, whatever ``M``). A fixed degree
+is accepted only with ``e <`` :data:`MAX_FIXED_DEGREE_ERROR` ``= 1``, so ``1 - e >= u`` in float64, and
+rounding below 1: it is refused from ``M > 0.5 ln(2 / u^2)`` (37.1) on the same grounds.
+
 **Default tolerance.** :data:`DEFAULT_TOL` ``= 1e-3`` on the max relative error of ``exp``; the softmax
 and the gradients then carry relative errors of a small multiple of it (see ``gpulora.poly.chain``).
 """
@@ -37,7 +45,8 @@ import numpy as np
 
 from .monomials import feature_dim
 
-__all__ = ["DEFAULT_TOL", "FAMILIES", "MAX_DEGREE", "PolyChoice", "choose", "coefficients", "evaluate", "measure"]
+__all__ = ["DEFAULT_TOL", "FAMILIES", "MAX_DEGREE", "MAX_FIXED_DEGREE_ERROR", "PolyChoice", "choose", "coefficients",
+           "evaluate", "feasible_bound", "measure"]
 
 FAMILIES = ("taylor", "shifted_taylor", "chebyshev")
 DEFAULT_TOL = 1e-3
@@ -51,17 +60,37 @@ def _unit_roundoff(dtype) -> float:
     return float(np.finfo(dtype).eps) / 2
 
 
+def feasible_bound(tol: float, dtype=np.float64) -> float:
+    """The largest ``M`` at which some polynomial could still meet ``tol`` (approximation plus rounding) in
+    ``dtype``: ``0.5 ln(tol (1 + tol) / (u (1 - tol)))``, from ``kappa >= (1 - tol) / (1 + tol) e^{2M}``
+    (module docstring). 14.9 in float64 and 4.9 in float32 at tol 1e-3."""
+    return 0.5 * math.log(tol * (1 + tol) / (_unit_roundoff(dtype) * (1 - tol)))
+
+
+# an accepted fixed degree has a float64 approximation error e < 1, so 1 - e >= u, and rounding below its
+# budget max(tol, e) < 1: u kappa >= u (1 - e) / (1 + e) e^{2M} >= (u^2 / 2) e^{2M} must stay below 1
+_FIXED_DEGREE_BOUND = 0.5 * math.log(2 / _unit_roundoff(np.float64) ** 2)
+
+
 @functools.lru_cache(maxsize=4096)
 def _coefficients(family: str, g: int, bound: float) -> tuple[float, ...]:
     m = max(bound, _TINY_BOUND)
     if family == "taylor":
         c = [1.0 / math.factorial(j) for j in range(g + 1)]
     elif family == "shifted_taylor":
-        tail = np.cumsum([m**i / math.factorial(i) for i in range(g + 1)])  # tail[n] = sum_{i<=n} M^i/i!
-        c = [math.exp(-m) / math.factorial(j) * tail[g - j] for j in range(g + 1)]
+        # c_j = sum_{i <= g - j} pois[i] / j! with pois[i] = e^-M M^i / i! (Poisson probabilities, at most
+        # 1: no overflow at any M), built by pois[i] = pois[i - 1] M / i
+        pois = [math.exp(-m)]
+        for i in range(1, g + 1):
+            pois.append(pois[-1] * m / i)
+        tail = np.cumsum(pois)  # tail[n] = sum_{i <= n} pois[i]
+        c = [float(tail[g - j]) / math.factorial(j) for j in range(g + 1)]
     elif family == "chebyshev":
-        cheb = np.polynomial.Chebyshev.interpolate(np.exp, g, domain=[-m, m])
-        c = list(cheb.convert(kind=np.polynomial.Polynomial).coef) + [0.0] * g
+        # exp overflows past M ~ 709: inf/nan coefficients are the expected signal there (measure maps
+        # them to an infinite error)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cheb = np.polynomial.Chebyshev.interpolate(np.exp, g, domain=[-m, m])
+            c = list(cheb.convert(kind=np.polynomial.Polynomial).coef) + [0.0] * g
         c = c[: g + 1]
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -137,12 +166,21 @@ def measure(family: str, g: int, bound: float) -> PolyChoice:
     m = max(bound, _TINY_BOUND)
     coef = _coefficients(family, g, bound)
     t = np.linspace(-m, m, _GRID)
-    p = evaluate(coef, t)
-    exact = np.exp(t)
-    approx = float(np.max(np.abs(p - exact) / exact))
-    pmin = float(np.min(p))
-    size = float(sum(abs(c) * m**j for j, c in enumerate(coef)))
-    kappa = size / pmin if pmin > 0 else math.inf
+    # Past M ~ 700, exp(t), p(t) and M^g overflow: inf/nan errors are the expected signal, mapped to an
+    # infinite error (choose never gets here for such bounds; direct callers such as the phase sweep do)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        p = evaluate(coef, t)
+        exact = np.exp(t)
+        approx = float(np.max(np.abs(p - exact) / exact))
+        pmin = float(np.min(p))
+        size = float(np.sum(np.abs(np.asarray(coef)) * np.power(m, np.arange(g + 1, dtype=np.float64))))
+        kappa = size / pmin if pmin > 0 else math.inf
+    if not math.isfinite(approx):
+        approx = math.inf
+    if math.isnan(pmin):
+        pmin = -math.inf
+    if math.isnan(kappa):
+        kappa = math.inf
     return PolyChoice(family, g, float(bound), coef, approx, pmin, kappa)
 
 
@@ -187,6 +225,17 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
     families = FAMILIES if family is None else (family,)
     target = DEFAULT_TOL if tol is None else float(tol)
     bound = float(bound)
+    if not (math.isfinite(bound) and bound >= 0):
+        raise ValueError(f"the score bound M must be a finite number >= 0, got {bound}")
+    limit = _FIXED_DEGREE_BOUND if degree is not None else feasible_bound(target)
+    if bound > limit:
+        what = f"of degree {degree} is usable" if degree is not None else f"reaches tol={target:.3g}"
+        raise ValueError(
+            f"no polynomial {what} for exp on [-M, M] with M = {bound:.3g} (the bound beta * max|q_i| * "
+            f"max|k_j|): past M = {limit:.3g} its terms cancel by a factor growing like e^(2M), so float64 "
+            f"rounding alone would exceed {'any usable error' if degree is not None else 'tol'}. This problem "
+            f"is past the phase transition of the polynomial method; use method='exact' (or method='auto')"
+        )
 
     def rank(c):  # fits in the input dtype first, then the least total error
         return (c.total_error(dtype) > target, c.total_error(np.float64))

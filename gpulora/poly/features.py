@@ -113,20 +113,28 @@ def poly_features(z, degree, *, family="taylor", bound=None, side="key"):
     >>> bool(np.allclose(phi @ psi.T, np.exp(q @ k.T), rtol=1e-6))
     True
     """
-    from ..validation import check_degree, check_real_array
+    from ..validation import check_bound, check_degree, check_real_array
+    from .budget import check_budget
 
     z = check_real_array("z", z, min_ndim=2)
-    check_degree(degree)
+    degree = check_degree(degree)
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if side not in ("query", "key"):
         raise ValueError(f"side must be 'query' or 'key', got {side!r}")
+    if z.shape[-1] < 1:
+        raise ValueError(f"z must have at least one coordinate (d >= 1), got shape {tuple(z.shape)}")
+    rows = math.prod(z.shape[:-1])
+    check_budget(z.shape[-1], degree, nbytes=rows * math.comb(z.shape[-1] + degree, degree) * z.dtype.itemsize,
+                 what=f"poly_features of z {tuple(z.shape)}")
     xp = backend.namespace(z)
     if bound is None:
         bound = backend.to_float(xp.max(xp.sum(z * z, axis=-1))) if z.shape[-2] else 0.0
-    elif not (isinstance(bound, (int, float, np.floating)) and math.isfinite(bound) and bound >= 0):
-        raise ValueError(f"bound must be a finite float >= 0, got {bound!r}")
-    coef = coefficients(family, int(degree), float(bound))
+        if not math.isfinite(bound):
+            raise ValueError("z: the squared row norms overflow its dtype; pass bound= or scale z down")
+    else:
+        bound = check_bound(bound)
+    coef = coefficients(family, degree, bound)
     table = monomial_table(z.shape[-1], int(degree))
     scale = xp.asarray(feature_scales(coef, z.shape[-1], side), dtype=z.dtype)
     return monomial_features(z, table, scale)

@@ -67,10 +67,14 @@ def feature_dim(d: int, g: int) -> int:
 def monomial_table(d: int, g: int) -> MonomialTable:
     """The monomial index table for ``d`` variables and degree ``g`` (cached; the arrays are read-only).
 
-    Cost ``O(k)`` with ``k = C(d + g, g)``.
+    Cost ``O(k)`` with ``k = C(d + g, g)``; refuses ``k > gpulora.poly.budget.MAX_FEATURES`` at once
+    (:class:`~gpulora.poly.budget.FeatureBudgetError`).
     """
     if d < 1 or g < 0:
         raise ValueError(f"monomial_table needs d >= 1 and g >= 0, got d={d}, g={g}")
+    from .budget import check_budget
+
+    check_budget(d, g, what="the monomial table")  # before building anything: k may be astronomical
     parent = [-1]
     coord = [-1]
     degree = [0]

@@ -79,6 +79,7 @@ def _errors(res, ref):
                for t in ref.grads)
 
 
+@pytest.mark.filterwarnings("ignore::gpulora.AccuracyWarning")  # fixed degrees past tol, on purpose
 @pytest.mark.parametrize("softmax_one", [False, True])
 def test_causal_poly_converges_to_exact_as_degree_rises(softmax_one):
     p = make_problem(23, L=150, d_model=16, d_head=4, d_v=4, r=4, targets="qkv", batch=2, heads=2,
@@ -150,6 +151,7 @@ def test_auto_no_longer_falls_back_for_causal():
     assert res.method == "poly", res.note
 
 
+@pytest.mark.filterwarnings("ignore::gpulora.AccuracyWarning")  # fixed degrees past tol, on purpose
 def test_numpy_and_cupy_agree(xp):
     ref = make_problem(27, L=70, d_model=8, d_head=3, d_v=4, r=2, targets="qkv", batch=2, score_bound=1.0)
     p = make_problem(27, L=70, d_model=8, d_head=3, d_v=4, r=2, targets="qkv", batch=2, score_bound=1.0, xp=xp)
