@@ -1,29 +1,35 @@
 """The public entry points of tensor attention: validate, plan (exact or poly), run, pack.
 
-Mirrors :mod:`gpulora.grad`: the same ``method`` semantics, the same polynomial choice
-(:func:`gpulora.poly.coefficients.choose` on the bound of :func:`gpulora.tensor.chain.score_bound`), the same
-fallback of ``method="auto"`` to exact when the polynomial fails at run time (said in ``GradResult.note``),
-and :func:`gpulora.adapters.adapter_grads` for the chain rule from projections to ``B`` and ``A``.
+Mirrors :mod:`gpulora.grad` and its error contract: the same ``method`` semantics, the same polynomial
+choice (:func:`gpulora.poly.coefficients.choose` on the bound of :func:`gpulora.tensor.chain.score_bound`)
+and feature budget (:mod:`gpulora.poly.budget`), ``error_bound`` and ``error_estimate`` on every result
+(:func:`error_estimate`), :class:`gpulora.AccuracyWarning` under ``method="poly"`` where ``method="auto"``
+runs exact instead, the fallback of ``"auto"`` to exact when the polynomial fails at run time (said in
+``GradResult.note``), results checked finite, and :func:`gpulora.adapters.adapter_grads` for the chain rule
+from projections to ``B`` and ``A``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 
 from .. import backend
 from ..adapters import _split_heads, adapter_grads, output_layout
-from ..grad import Plan, _with_fallback
-from ..model import GradResult, LoRA
-from ..poly.coefficients import choose
-from ..validation import check_beta, check_degree, check_method, check_real_array, check_tol
+from ..grad import GRAD_TOL_FACTOR, Plan, _leaves
+from ..model import AccuracyWarning, GradResult, LoRA, check_parameters
+from ..poly.budget import FeatureBudgetError, check_budget, poly_bytes
+from ..poly.chain import PolynomialFailure
+from ..poly.coefficients import DEFAULT_TOL, choose
+from ..validation import all_finite, check_beta, check_degree, check_method, check_real_array, check_tol
 from . import chain, cost, exact
 from .model import TARGETS, TensorHead
 
-__all__ = ["attention_vjp", "forward", "lora_grad", "loss", "plan", "prepare"]
+__all__ = ["attention_vjp", "error_estimate", "forward", "lora_grad", "loss", "plan", "prepare"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,7 @@ def prepare(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, need_t
     unknown = [t for t in lora.targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"adapters has unknown targets {unknown} for a tensor head; expected a subset of {TARGETS}")
+    check_parameters(head, lora)  # B and A are usually updated in place between calls
     target, upstream = _target_or_upstream(y, grad_output, required=need_target)
     name = "grad_output" if upstream else "y"
     check_real_array("x", x, ndim=(2, 3))
@@ -116,30 +123,79 @@ def prepare(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, need_t
 
 def plan(projections, beta, method, *, degree=None, tol=None, targets=TARGETS) -> Plan:
     """Decide what runs (see :func:`lora_grad` for ``method="auto"``) for ``projections = (q, k1, k2, v1, v2)``
-    of shape ``(..., L, d)``."""
+    of shape ``(..., L, d)``.
+
+    Refusals (``"poly"``: raised; ``"auto"``: exact, the reason in ``note``): a bound that overflows, no
+    polynomial meeting ``tol``, a feature map over the budget. A fixed ``degree`` whose error bound exceeds
+    ``tol`` warns under ``"poly"`` (:class:`gpulora.AccuracyWarning`) and runs exact under ``"auto"``.
+    """
     q, k1, k2, v1, _ = projections
-    bound = chain.score_bound(q, k1, k2, beta)
+    with np.errstate(over="ignore"):  # an overflowing bound is inf, handled below
+        bound = chain.score_bound(q, k1, k2, beta)
+    target = DEFAULT_TOL if tol is None else tol
     if method == "exact":
-        return Plan("exact", bound)
+        return Plan("exact", bound, tol=target)
     dtype = np.dtype(q.dtype)
+    lead, L, d_head, d_v = math.prod(q.shape[:-2]), q.shape[-2], q.shape[-1], v1.shape[-1]
+    what = f"tensor attention with score bound M = beta max|q| max|k1 * k2| = {bound:.3g}"
     try:
+        if not math.isfinite(bound):
+            raise ValueError(f"{what} overflows {dtype}: no polynomial can cover the scores")
         choice, compute = choose(bound, tol=tol, degree=degree, dtype=dtype)
+        k = choice.features(d_head)
+        # three feature maps instead of two: 3/2 of the matrix chain's estimate
+        nbytes = 3 * poly_bytes(lead, L, k, d_head, d_v, np.dtype(compute).itemsize) // 2
+        check_budget(d_head, choice.degree, nbytes=nbytes, what=f"the {choice.family} polynomial for {what}")
     except ValueError as err:
         if method == "poly":
-            raise ValueError(f"tensor attention with score bound M = beta max|q| max|k1 * k2| = {bound:.3g}: "
-                             f"{err}") from None
-        return Plan("exact", bound, note=f"auto: poly cannot meet the tolerance here ({err})")
+            if isinstance(err, FeatureBudgetError) or what in str(err):
+                raise
+            raise ValueError(f"{what}: {err}") from None
+        why = "poly is over the feature budget" if isinstance(err, FeatureBudgetError) else \
+            "poly cannot meet the tolerance here"
+        return Plan("exact", bound, note=f"auto: {why} ({err}); ran exact", tol=target)
+    eps = choice.total_error(compute)
+    if eps > target:  # only a fixed degree gets here
+        msg = (f"degree={choice.degree}: the {choice.family} polynomial's error bound on [-M, M], M = "
+               f"{bound:.3g}, is {eps:.3g} (approximation plus rounding), more than tol={target:.3g}; the "
+               f"gradients may be off by a multiple of that. Pass tol= instead of degree= (or a higher degree)")
+        if method != "poly":
+            return Plan("exact", bound, note=f"auto: {msg}; ran exact", tol=target)
+        warnings.warn(msg, AccuracyWarning, stacklevel=3)
     if method == "poly":
-        return Plan("poly", bound, choice, compute)
-    lead, L, d_head, d_v = math.prod(q.shape[:-2]), q.shape[-2], q.shape[-1], v1.shape[-1]
+        return Plan("poly", bound, choice, compute, tol=target, warned=eps > target)
     name = "cupy" if backend.is_cupy(q) else "numpy"
-    k = choice.features(d_head)
     t_exact = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name)
     t_poly = lead * cost.poly_seconds(L, d_head, d_v, k, targets, backend=name, float64_features=compute != dtype)
     winner = "poly" if t_poly < t_exact else "exact"
     note = (f"auto: estimated exact {t_exact:.3g} s vs poly {t_poly:.3g} s (degree {choice.degree} "
             f"{choice.family}, k = {k}): ran {winner}")
-    return Plan(winner, bound, choice, compute, note)
+    return Plan(winner, bound, choice, compute, note, tol=target)
+
+
+def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False) -> float:
+    """A-posteriori estimate of the relative error of a poly call's gradients (and loss), as
+    :func:`gpulora.grad.error_estimate` for matrix attention: ``eps + E / (R - E)``.
+
+    ``eps = p.error_bound``; every weight of ``F~`` is within a relative ``delta = 2 eps / (1 - eps)`` of
+    ``F``, so ``|o~_i - o_i| <= delta max_{j1, j2} |v1_j1 * v2_j2|`` and, by Hoelder,
+    ``|v1 * v2| <= min(|v1|_inf |v2|_2, |v1|_2 |v2|_inf)``; ``E = delta sqrt(L sum over (batch, head) of
+    that maximum squared)`` bounds ``|O~ - O|_F``. ``R = |O~ - y|_F``; ``inf`` when ``R <= E`` (near a
+    perfect fit the residual may be all approximation error). With an upstream gradient (``upstream``)
+    ``G = dO`` carries no approximation error and the estimate is ``eps + delta``. Cost ``O(L d_v)``, one
+    host read.
+    """
+    eps = p.error_bound
+    delta = 2 * eps / (1 - eps)
+    if upstream:
+        return eps + delta
+    xp = backend.namespace(*projections)
+    v1, v2 = (xp.astype(v, xp.float64, copy=False) for v in projections[3:])
+    n2 = [xp.max(xp.sum(v * v, axis=-1), axis=-1) ** 0.5 for v in (v1, v2)]
+    ninf = [xp.max(xp.abs(v), axis=(-2, -1)) for v in (v1, v2)]
+    spread = xp.minimum(ninf[0] * n2[1], n2[0] * ninf[1])  # [batch, H]
+    e_out = delta * math.sqrt(v1.shape[-2] * backend.to_float(xp.sum(spread * spread)))
+    return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
 
 
 def _run(projections, p: Plan, *, beta, y, upstream, need):
@@ -153,6 +209,52 @@ def _output(projections, p: Plan, *, beta):
     if p.method == "exact":
         return exact.attention_output(*projections, beta)
     return chain.output(*projections, beta, p.choice, p.compute_dtype)
+
+
+def _checked_run(run, projections, p: Plan, **kw):
+    """``run(projections, p, **kw)``, raising rather than returning NaN or inf from finite inputs (the scores
+    or products overflowed): :class:`gpulora.PolynomialFailure` for poly (``auto`` then runs exact), else
+    ``ValueError``. One fused reduction, one host read on CuPy."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = run(projections, p, **kw)
+    if not all_finite(*_leaves(out)):
+        dtype = np.dtype(projections[0].dtype)
+        raise (PolynomialFailure if p.method == "poly" else ValueError)(
+            f"the {p.method} tensor-attention computation overflowed {dtype} (NaN or inf in its results) "
+            f"although every input is finite: the scores reach up to M = {p.bound:.3g}; scale x or the "
+            f"weights down (or beta), or use float64 inputs")
+    return out
+
+
+def _with_fallback(run, projections, p: Plan, requested: str, **kw):
+    """:func:`_checked_run`; under ``method="auto"`` a poly run that fails falls back to exact, and says so."""
+    try:
+        return p, _checked_run(run, projections, p, **kw)
+    except PolynomialFailure as err:
+        if requested != "auto":
+            raise
+        p = dataclasses.replace(p, method="exact", note=f"auto: poly failed ({err}); fell back to exact")
+        return p, _checked_run(run, projections, p, **kw)
+
+
+def _checked_poly(projections, p: Plan, requested: str, out, run, *, upstream, **kw):
+    """``(p, out, estimate)`` after the a-posteriori check of a poly run (0 for exact): over
+    ``GRAD_TOL_FACTOR * tol``, ``"auto"`` reruns exact and says why, ``"poly"`` warns."""
+    if p.method != "poly":
+        return p, out, 0.0
+    loss_ = backend.to_float(out[0])
+    est = error_estimate(projections, p, math.sqrt(2 * max(loss_, 0.0)), upstream=upstream)
+    if est <= GRAD_TOL_FACTOR * p.tol:
+        return p, out, est
+    why = (f"the a-posteriori error estimate of the poly gradients, {est:.3g}, exceeds {GRAD_TOL_FACTOR:g} * tol "
+           f"= {GRAD_TOL_FACTOR * p.tol:.3g}: the residual O - y is small against the polynomial's output error "
+           f"(eps = {p.error_bound:.3g})")
+    if requested == "auto":
+        p = dataclasses.replace(p, method="exact", note=f"auto: {why}; reran exact")
+        return _with_fallback(run, projections, p, requested, upstream=upstream, **kw) + (0.0,)
+    if not p.warned:
+        warnings.warn(why, AccuracyWarning, stacklevel=3)
+    return p, out, est
 
 
 def lora_grad(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, method="auto", degree=None,
@@ -188,7 +290,10 @@ def lora_grad(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, meth
     Returns
     -------
     gpulora.GradResult
-        ``loss``, ``grads[target].B / .A``, the ``method`` that ran, ``degree``, ``features``, ``bound``.
+        ``loss``, ``grads[target].B / .A``, the ``method`` that ran, ``degree``, ``features``, ``bound``,
+        ``error_bound`` (a priori, ``eps`` of ``p ~ exp`` on ``[-M, M]``) and ``error_estimate`` (a
+        posteriori, :func:`error_estimate`; over ``10 tol`` ``"auto"`` reruns exact and ``"poly"`` warns
+        with :class:`gpulora.AccuracyWarning`).
 
     Raises
     ------
@@ -200,8 +305,9 @@ def lora_grad(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, meth
     prob = prepare(head, lora, x, y, grad_output=grad_output, need_target=True)
     need = lora.targets
     p = plan(prob.projections, prob.beta, method, degree=degree, tol=tol, targets=need)
-    p, (loss_, *d) = _with_fallback(_run, prob.projections, p, method, beta=prob.beta, y=prob.y,
-                                    upstream=prob.upstream, need=need)
+    kw = dict(beta=prob.beta, y=prob.y, upstream=prob.upstream, need=need)
+    p, out = _with_fallback(_run, prob.projections, p, method, **kw)
+    p, (loss_, *d), est = _checked_poly(prob.projections, p, method, out, _run, **kw)
     grads = adapter_grads(lora, prob, dict(zip(TARGETS, d)))
     poly = p.method == "poly"
     return GradResult(
@@ -214,6 +320,8 @@ def lora_grad(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, meth
         family=p.choice.family if poly else None,
         compute_dtype=str(p.compute_dtype) if poly else None,
         note=p.note,
+        error_bound=p.error_bound,
+        error_estimate=est,
     )
 
 
@@ -234,8 +342,9 @@ def loss(head: TensorHead, lora: LoRA, x, y, *, method="exact", degree=None, tol
     _check_options(method, degree, tol)
     prob = prepare(head, lora, x, y, need_target=True)
     p = plan(prob.projections, prob.beta, method, degree=degree, tol=tol, targets=())
-    _, (loss_, *_) = _with_fallback(_run, prob.projections, p, method, beta=prob.beta, y=prob.y,
-                                    upstream=False, need=())
+    kw = dict(beta=prob.beta, y=prob.y, upstream=False, need=())
+    p, out = _with_fallback(_run, prob.projections, p, method, **kw)
+    _, (loss_, *_), _ = _checked_poly(prob.projections, p, method, out, _run, **kw)
     return prob.xp.asarray(loss_, dtype=prob.x.dtype)
 
 
@@ -279,5 +388,7 @@ def attention_vjp(q, k1, k2, v1, v2, grad_output, *, beta=None, method="exact", 
                          f"{tuple(v1.shape)}")
     beta = 1.0 / q.shape[-1] if beta is None else check_beta(beta)
     p = plan(arrays[:5], beta, method, degree=degree, tol=tol)
-    _, (_, *d) = _with_fallback(_run, arrays[:5], p, method, beta=beta, y=grad_output, upstream=True, need=TARGETS)
+    kw = dict(beta=beta, y=grad_output, upstream=True, need=TARGETS)
+    p, out = _with_fallback(_run, arrays[:5], p, method, **kw)
+    _, (_, *d), _ = _checked_poly(arrays[:5], p, method, out, _run, **kw)
     return tuple(d)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import backend
 from ..model import TENSOR_TARGETS
-from ..validation import check_beta, check_real_array
+from ..validation import check_beta, check_int, check_real_array
 
 __all__ = ["TARGETS", "TensorHead"]
 
@@ -49,9 +49,10 @@ class TensorHead:
         for name in names:
             check_real_array(name, getattr(self, name), ndim=2)
         backend.namespace(*(getattr(self, n) for n in names))
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
-            raise ValueError(f"heads must be an int >= 1, got {self.heads!r}")
+        object.__setattr__(self, "heads", check_int("heads", self.heads, minimum=1))
         d_model = self.w_q.shape[0]
+        if d_model < 1:
+            raise ValueError(f"w_q must have d_model >= 1 rows, got shape {tuple(self.w_q.shape)}")
         for name in names[1:]:
             if getattr(self, name).shape[0] != d_model:
                 raise ValueError(f"{name} must have d_model = {d_model} rows like w_q, got shape "
@@ -78,6 +79,10 @@ class TensorHead:
     @property
     def d_v(self) -> int:
         return self.w_v1.shape[1] // self.heads
+
+    def arrays(self) -> dict:
+        """``{name: array}`` of the five frozen weights (checked finite at every call)."""
+        return {f"w_{t}": self.weight(t) for t in TARGETS}
 
     def weight(self, target: str):
         """The frozen weight of ``target`` (one of ``"q", "k1", "k2", "v1", "v2"``)."""

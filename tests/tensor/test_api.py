@@ -224,3 +224,44 @@ def test_every_public_tensor_name_imports():
     for name in T.__all__:
         assert getattr(T, name) is not None, name
     assert T.TARGETS == ("q", "k1", "k2", "v1", "v2") and DEFAULT_TOL == 1e-3
+
+
+def test_error_contract():
+    """error_bound / error_estimate on every result; a fixed degree over tol warns (poly) or runs exact
+    (auto); near a perfect fit auto reruns exact; NaN put into an adapter in place is caught at call time;
+    finite inputs whose scores overflow raise instead of returning NaN."""
+    import warnings
+
+    p = make_problem(10, L=24, d_model=6, d_head=2, d_v=2, r=1, score_bound_=1.0)
+    ex = T.lora_grad(p.head, p.lora, p.x, p.y, method="exact")
+    po = T.lora_grad(p.head, p.lora, p.x, p.y, method="poly", tol=1e-4)
+    assert ex.error_bound == ex.error_estimate == 0.0
+    assert 0 < po.error_bound <= 1e-4 and po.error_bound <= po.error_estimate < 10 * 1e-4
+    assert _max_error(po, ex) <= po.error_estimate
+
+    with pytest.warns(gpulora.AccuracyWarning, match="degree=1"):
+        low = T.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=1, tol=1e-4)
+    assert low.method == "poly" and low.error_bound > 1e-4
+    auto = T.lora_grad(p.head, p.lora, p.x, p.y, method="auto", degree=1, tol=1e-4)
+    assert auto.method == "exact" and "degree=1" in auto.note
+
+    fit = T.forward(p.head, p.lora, p.x, method="exact") + 1e-9  # residual far below the output error
+    with pytest.warns(gpulora.AccuracyWarning, match="a-posteriori"):
+        near = T.lora_grad(p.head, p.lora, p.x, fit, method="poly", tol=1e-3)
+    assert near.error_estimate > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = T.lora_grad(p.head, p.lora, p.x, fit, method="auto", tol=1e-3)
+    assert auto.method == "exact" and "reran exact" in auto.note
+
+    b, a = p.lora.adapters["k1"]
+    b = b.copy()
+    lora = gpulora.LoRA({**p.lora.adapters, "k1": (b, a)}, alpha=p.lora.alpha)
+    b[0, 0] = np.nan  # after LoRA was built, as a training loop would
+    with pytest.raises(ValueError, match=r"adapters\['k1'\] B must contain only finite"):
+        T.lora_grad(p.head, lora, p.x, p.y)
+
+    big = make_problem(10, L=8, d_model=6, d_head=2, d_v=2, r=1, dtype=np.float32)
+    head = T.TensorHead(*(big.head.weight(t) * np.float32(1e15 if t in ("q", "k1", "k2") else 1) for t in T.TARGETS))
+    with pytest.raises(ValueError, match="overflow"):
+        T.lora_grad(head, big.lora, big.x, big.y, method="auto")
