@@ -178,12 +178,14 @@ def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False
     :func:`gpulora.grad.error_estimate` for matrix attention: ``eps + E / (R - E)``.
 
     ``eps = p.error_bound``; every weight of ``F~`` is within a relative ``delta = 2 eps / (1 - eps)`` of
-    ``F``, so ``|o~_i - o_i| <= delta max_{j1, j2} |v1_j1 * v2_j2|`` and, by Hoelder,
-    ``|v1 * v2| <= min(|v1|_inf |v2|_2, |v1|_2 |v2|_inf)``; ``E = delta sqrt(L sum over (batch, head) of
-    that maximum squared)`` bounds ``|O~ - O|_F``. ``R = |O~ - y|_F``; ``inf`` when ``R <= E`` (near a
-    perfect fit the residual may be all approximation error). With an upstream gradient (``upstream``)
-    ``G = dO`` carries no approximation error and the estimate is ``eps + delta``. Cost ``O(L d_v)``, one
-    host read.
+    ``F`` and the weight errors of a row sum to zero, so ``|o~_i - o_i| <= delta max_{j1, j2}
+    |v1_j1 * v2_j2 - c|`` for any constant ``c``. With ``c = m1 * m2`` (the column means of ``V1``, ``V2``),
+    ``v1 * v2 - c = (v1 - m1) * v2 + m1 * (v2 - m2)`` and, by Hoelder, ``|a * b|_2 <= min(|a|_inf |b|_2,
+    |a|_2 |b|_inf)``; ``E = delta sqrt(L sum over (batch, head) of that maximum squared)`` bounds
+    ``|O~ - O|_F``, a worst case (no cancellation between key pairs). ``R = |O~ - y|_F``; ``inf`` when
+    ``R <= E`` (near a perfect fit the residual may be all approximation error). With an upstream gradient
+    (``upstream``) ``G = dO`` carries no approximation error and the estimate is ``eps + delta``. Cost
+    ``O(L d_v)``, one host read.
     """
     eps = p.error_bound
     delta = 2 * eps / (1 - eps)
@@ -191,9 +193,16 @@ def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False
         return eps + delta
     xp = backend.namespace(*projections)
     v1, v2 = (xp.astype(v, xp.float64, copy=False) for v in projections[3:])
-    n2 = [xp.max(xp.sum(v * v, axis=-1), axis=-1) ** 0.5 for v in (v1, v2)]
-    ninf = [xp.max(xp.abs(v), axis=(-2, -1)) for v in (v1, v2)]
-    spread = xp.minimum(ninf[0] * n2[1], n2[0] * ninf[1])  # [batch, H]
+    m1, m2 = xp.mean(v1, axis=-2, keepdims=True), xp.mean(v2, axis=-2, keepdims=True)
+
+    def norms(a):  # (max row 2-norm, max |entry|) per leading index
+        return xp.max(xp.sum(a * a, axis=-1), axis=-1) ** 0.5, xp.max(xp.abs(a), axis=(-2, -1))
+
+    def product(a, b):  # bound on max_{rows} |a_i * b_j|_2
+        (a2, ai), (b2, bi) = norms(a), norms(b)
+        return xp.minimum(ai * b2, a2 * bi)
+
+    spread = product(v1 - m1, v2) + product(m1, v2 - m2)  # [batch, H]
     e_out = delta * math.sqrt(v1.shape[-2] * backend.to_float(xp.sum(spread * spread)))
     return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
 
