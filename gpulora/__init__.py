@@ -1,18 +1,22 @@
 """gpulora: exact and almost-linear-time (polynomial method) LoRA gradients of attention heads.
 
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
-:func:`loss`, :func:`diagnose`, :func:`poly_features`, the warning category :class:`AccuracyWarning`,
-and the subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy
-or CuPy, float32 or float64.
+:func:`loss`, :func:`diagnose`, :func:`poly_features`, the q/k/v-level :func:`attention` and
+:func:`attention_vjp` (:mod:`gpulora.functional`), the warning category :class:`AccuracyWarning`, and the
+subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or
+CuPy, float16, bfloat16 (ml_dtypes), float32 or float64 (half precision is computed in float32).
 """
 
 from .diagnose import Diagnosis as Diagnosis
 from .diagnose import diagnose as diagnose
+from .functional import attention as attention
+from .functional import attention_vjp as attention_vjp
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
 from .grad import loss as loss
 from .model import AccuracyWarning as AccuracyWarning
 from .model import AdapterGrad as AdapterGrad
+from .model import AttentionGrad as AttentionGrad
 from .model import GradResult as GradResult
 from .model import Head as Head
 from .model import LoRA as LoRA
@@ -26,11 +30,14 @@ __all__ = [
     "DEFAULT_TOL",
     "AccuracyWarning",
     "AdapterGrad",
+    "AttentionGrad",
     "Diagnosis",
     "GradResult",
     "Head",
     "LoRA",
     "PolynomialFailure",
+    "attention",
+    "attention_vjp",
     "diagnose",
     "forward",
     "lora_grad",

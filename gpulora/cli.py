@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gpulora``."""
     parser = _Parser(prog="gpulora", description="Exact and polynomial-method LoRA gradients of attention "
                      "heads (Hu et al., ICLR 2025).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,phase,diagnose}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,phase,diagnose,survey}",
                                 parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="exact vs poly on an embedded problem: time, error, speedup, diagnosis",
@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--targets", type=_targets, default="qv",
                       help="targets assumed when the file has no adapters (default qv)")
     _common(diag, dtype=False)
+
+    from . import survey
+
+    survey.add_arguments(sub.add_parser(
+        "survey", help="every attention head of a Hugging Face model on the phase diagram: table, CSV, PNG",
+        description="Run a local Hugging Face model (or a packaged one) offline on text at --lengths and "
+        "place every layer's every head on the phase diagram (see gpulora.survey)."))
     return parser
 
 
@@ -400,6 +407,10 @@ def main(argv=None) -> int:
     """Entry point of ``python -m gpulora``; returns the exit status (0, or 2 on a user error)."""
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "survey":
+            from .survey import command
+
+            return command(args)
         return {"demo": _demo, "phase": _phase, "diagnose": _diagnose}[args.command](args)
     except BrokenPipeError:  # output piped into e.g. head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

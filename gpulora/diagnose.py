@@ -134,8 +134,9 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     if isinstance(head, Head) and isinstance(lora, LoRA):  # else prepare names the wrong type
         check_parameters(head, lora)
     prob = prepare(head, lora, x)
-    q, k = prob.q, prob.k
-    batch, heads, L, d_head = q.shape
+    att = prob.attention(causal)  # grouped-query layout: k, v broadcast over each group
+    q, k = att.q, att.k
+    batch, heads, L, d_head = prob.q.shape
     d_v = prob.v.shape[-1]
     lead = batch * heads
     m = score_bound(q, k, prob.beta)

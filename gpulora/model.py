@@ -1,8 +1,9 @@
 """The objects of the public API: frozen head weights, LoRA adapters, and the result of a gradient call.
 
-Layout is ``x @ W`` (rows are tokens). A head maps ``x (..., L, d_model)`` to ``Q = x @ Wq (..., L, H d_head)``,
-``K = x @ Wk``, ``V = x @ Wv (..., L, H d_v)``; with ``heads = H > 1`` the projection columns are split into
-``H`` consecutive groups, one per head, as in a real attention layer. LoRA: ``W = W0 + (alpha / r) B @ A``.
+Layout is ``x @ W`` (rows are tokens). A head maps ``x (..., L, d_model)`` to ``Q = x @ Wq + b_q (..., L, H d_head)``,
+``K = x @ Wk + b_k (..., L, H_kv d_head)``, ``V = x @ Wv + b_v (..., L, H_kv d_v)``; the projection columns
+are split into consecutive groups, one per head, as in a real attention layer (``H_kv < H``: grouped-query
+attention). LoRA: ``W = W0 + (alpha / r) B @ A``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any, Mapping
 from . import backend
 from .validation import check_alpha, check_beta, check_bool, check_finite, check_int, check_real_array
 
-__all__ = ["KNOWN_TARGETS", "TARGETS", "TENSOR_TARGETS", "AccuracyWarning", "AdapterGrad", "GradResult", "Head", "LoRA",
-           "check_parameters"]
+__all__ = ["KNOWN_TARGETS", "TARGETS", "TENSOR_TARGETS", "AccuracyWarning", "AdapterGrad", "AttentionGrad", "GradResult",
+           "Head", "LoRA", "check_parameters"]
 
 TARGETS = ("q", "k", "v")
 TENSOR_TARGETS = ("q", "k1", "k2", "v1", "v2")  # gpulora.tensor.TensorHead
@@ -37,16 +38,24 @@ class Head:
 
     Parameters
     ----------
-    w_q, w_k : array of shape (d_model, heads * d_head)
-    w_v : array of shape (d_model, heads * d_v)
-        NumPy or CuPy, float32 or float64, all from the same library.
+    w_q : array of shape (d_model, heads * d_head)
+    w_k : array of shape (d_model, kv_heads * d_head)
+    w_v : array of shape (d_model, kv_heads * d_v)
+        NumPy or CuPy, float16, bfloat16 (ml_dtypes), float32 or float64, all from the same library.
     beta : float, optional
         Inverse temperature of ``S = beta * Q @ K^T``; ``None`` means ``1 / sqrt(d_head)``.
     heads : int
-        Number of heads ``H`` packed in the projections (default 1).
+        Number of query heads ``H`` packed in the projections (default 1).
     softmax_one : bool
         Use Softmax_1, ``exp(s_ij) / (1 + sum_l exp(s_il))`` (the "outlier-free" attention), instead of
         the softmax.
+    kv_heads : int, optional
+        Number of key/value heads ``H_kv`` (default ``heads``); it must divide ``heads``. Grouped-query
+        attention: key/value head ``j`` serves query heads ``j H/H_kv .. (j+1) H/H_kv - 1`` (Hugging Face's
+        ``repeat_kv``); ``kv_heads=1`` is multi-query attention.
+    b_q, b_k, b_v : arrays of shape (heads * d_head,), (kv_heads * d_head,), (kv_heads * d_v,), optional
+        Projection biases: ``Q = x @ Wq + b_q`` (PEFT: ``base_layer.bias``). They shift the projections;
+        the adapter gradients keep their form (docs/math.md section 2).
     """
 
     w_q: Any
@@ -55,12 +64,24 @@ class Head:
     beta: float | None = None
     heads: int = 1
     softmax_one: bool = False
+    kv_heads: int | None = None
+    b_q: Any = None
+    b_k: Any = None
+    b_v: Any = None
 
     def __post_init__(self):
         for name in ("w_q", "w_k", "w_v"):
-            check_real_array(name, getattr(self, name), ndim=2)
-        backend.namespace(self.w_q, self.w_k, self.w_v)
+            check_real_array(name, getattr(self, name), ndim=2, half=True)
+        for name in ("b_q", "b_k", "b_v"):
+            if getattr(self, name) is not None:
+                check_real_array(name, getattr(self, name), ndim=1, half=True)
+        backend.namespace(*self.arrays().values())
         object.__setattr__(self, "heads", check_int("heads", self.heads, minimum=1))
+        kv = self.heads if self.kv_heads is None else check_int("kv_heads", self.kv_heads, minimum=1)
+        if self.heads % kv:
+            raise ValueError(f"heads = {self.heads} must be a multiple of kv_heads = {kv} (each key/value head "
+                             f"serves an equal group of query heads)")
+        object.__setattr__(self, "kv_heads", kv)
         object.__setattr__(self, "softmax_one", check_bool("softmax_one", self.softmax_one))
         d_model = self.w_q.shape[0]
         if d_model < 1:
@@ -70,14 +91,20 @@ class Head:
                 raise ValueError(
                     f"{name} must have d_model = {d_model} rows like w_q, got shape {getattr(self, name).shape}"
                 )
-        if self.w_k.shape != self.w_q.shape:
-            raise ValueError(f"w_k must have the shape of w_q {self.w_q.shape}, got {self.w_k.shape}")
-        for name in ("w_q", "w_v"):
+        for name, label, n in (("w_q", "heads", self.heads), ("w_v", "kv_heads", kv)):
             cols = getattr(self, name).shape[1]
-            if cols == 0 or cols % self.heads:
-                raise ValueError(
-                    f"{name} must have a positive multiple of heads = {self.heads} columns, got {cols}"
-                )
+            if cols == 0 or cols % n:
+                raise ValueError(f"{name} must have a positive multiple of {label} = {n} columns (one group per "
+                                 f"head), got {cols}")
+        want_k = (d_model, kv * self.d_head)
+        if tuple(self.w_k.shape) != want_k:
+            raise ValueError(f"w_k must have shape {want_k} (kv_heads = {kv} heads of d_head = {self.d_head}), "
+                             f"got {tuple(self.w_k.shape)}")
+        for t in TARGETS:
+            b = self.bias(t)
+            if b is not None and b.shape[0] != self.weight(t).shape[1]:
+                raise ValueError(f"b_{t} must have shape ({self.weight(t).shape[1]},) like the columns of w_{t}, "
+                                 f"got {tuple(b.shape)}")
         beta = 1.0 / math.sqrt(self.d_head) if self.beta is None else check_beta(self.beta)
         object.__setattr__(self, "beta", beta)
 
@@ -91,15 +118,21 @@ class Head:
 
     @property
     def d_v(self) -> int:
-        return self.w_v.shape[1] // self.heads
+        return self.w_v.shape[1] // self.kv_heads
 
     def weight(self, target: str):
         """The frozen weight of ``target`` (``"q"``, ``"k"`` or ``"v"``)."""
         return {"q": self.w_q, "k": self.w_k, "v": self.w_v}[target]
 
+    def bias(self, target: str):
+        """The bias of ``target``, or ``None``."""
+        return {"q": self.b_q, "k": self.b_k, "v": self.b_v}[target]
+
     def arrays(self) -> dict:
-        """``{name: array}`` of the weights, named as in error messages."""
-        return {"w_q": self.w_q, "w_k": self.w_k, "w_v": self.w_v}
+        """``{name: array}`` of the weights and biases, named as in error messages."""
+        out = {"w_q": self.w_q, "w_k": self.w_k, "w_v": self.w_v}
+        out.update({f"b_{t}": self.bias(t) for t in TARGETS if self.bias(t) is not None})
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,8 +168,8 @@ class LoRA:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"adapters[{t!r}] must be a pair (B, A), got {type(pair).__name__}")
             b, a = pair
-            check_real_array(f"adapters[{t!r}] B", b, ndim=2)
-            check_real_array(f"adapters[{t!r}] A", a, ndim=2)
+            check_real_array(f"adapters[{t!r}] B", b, ndim=2, half=True)
+            check_real_array(f"adapters[{t!r}] A", a, ndim=2, half=True)
             if b.shape[1] < 1 or b.shape[1] != a.shape[0]:
                 raise ValueError(
                     f"adapters[{t!r}]: B of shape (d_model, r) and A of shape (r, d_out) must share r >= 1, "
@@ -191,8 +224,9 @@ class GradResult:
 
     Attributes
     ----------
-    loss : 0-d array
-        ``0.5 * sum (O - y)^2``, in the namespace and dtype of ``x``.
+    loss : 0-d array or None
+        ``0.5 * sum (O - y)^2`` over the real (unpadded) rows, in the namespace and result dtype of the call;
+        ``None`` when the call gave ``grad_output`` instead of ``y``.
     grads : dict of str to AdapterGrad
         One entry per adapted target.
     method : str
@@ -218,11 +252,50 @@ class GradResult:
         ``eps + E / (|G~| - E)`` with ``|G~|`` the norm of the computed residual ``O~ - y`` and ``E`` the
         bound above on the output error summed over rows (``inf`` when ``|G~| <= E``: the residual may be
         all approximation error, near a perfect fit). Poly only, 0 for exact. See README, "Precision and
-        tolerance", for how ``method="auto"`` uses it.
+        tolerance", for how ``method="auto"`` uses it. With ``grad_output`` given there is no computed
+        residual: the estimate is ``eps`` (the upstream gradient itself is exact).
+    dx : array or None
+        ``dloss/dx``, shaped like ``x``, when the call asked for it (``return_dx=True``).
     """
 
     loss: Any
     grads: dict
+    method: str
+    degree: int | None = None
+    features: int | None = None
+    bound: float = 0.0
+    family: str | None = None
+    compute_dtype: str | None = None
+    note: str = ""
+    error_bound: float = 0.0
+    error_estimate: float = 0.0
+    dx: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGrad:
+    """What :func:`gpulora.attention_vjp` returns: the vector-Jacobian product of attention.
+
+    Attributes
+    ----------
+    dq : array of shape (..., H, L, d_head)
+    dk : array of shape (..., H_kv, L, d_head)
+    dv : array of shape (..., H_kv, L, d_v)
+        ``dloss/dq``, ``dloss/dk``, ``dloss/dv`` for the given ``grad_output = dloss/dout`` (``dk``, ``dv``
+        summed over the query heads of each key/value head).
+    out : array of shape (..., H, L, d_v)
+        The attention output, computed on the way.
+    method, degree, features, bound, family, compute_dtype, note, error_bound, error_estimate
+        As in :class:`GradResult` (``error_bound``: the polynomial's ``eps``; every weight of the
+        approximate softmax is within a relative ``2 eps / (1 - eps)`` of the exact one). The upstream
+        gradient is exact, so ``error_estimate`` is ``eps`` (measured errors of ``dq``, ``dk``, ``dv``:
+        0.02 .. 0.3 ``eps``); 0 for exact.
+    """
+
+    dq: Any
+    dk: Any
+    dv: Any
+    out: Any
     method: str
     degree: int | None = None
     features: int | None = None

@@ -16,8 +16,8 @@ import numpy as np
 from . import backend
 from .model import Head, LoRA
 
-__all__ = ["Problem", "check_kernel_errors", "finite_difference_grads", "kernel_vs_twin", "make_problem", "rel_error",
-           "simulator_results", "time_call"]
+__all__ = ["Problem", "check_kernel_errors", "finite_difference_grads", "kernel_vs_twin", "make_problem",
+           "masked_polynomial_weights", "rel_error", "simulator_results", "time_call"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +169,28 @@ def simulator_results(script, *, timeout=600) -> dict:
     if proc.returncode != 0:
         raise AssertionError(f"simulator run of {script} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def masked_polynomial_weights(s, coef, *, key_mask=None, query_mask=None, causal=False, softmax_one=False):
+    """Dense ``F~`` with masks (host NumPy, small ``L``): ``p(s)`` on the real keys (``j <= i`` if causal),
+    rows normalised (``+1`` for Softmax_1), padded query rows and rows without a key all zero.
+
+    ``s (..., L, L)`` scores; masks are boolean, broadcastable to ``(..., L)``, True for real tokens. With
+    :func:`gpulora.exact.reference.dense_loss_grads` (and zero targets on padded rows) this is the
+    reference of the masked polynomial chains. ``O(L^2)`` memory.
+    """
+    w = np.zeros_like(s)
+    for c in reversed(list(coef)):  # Horner
+        w = w * s + c
+    L = s.shape[-1]
+    keep = np.ones(s.shape, dtype=bool)
+    if causal:
+        keep &= np.arange(L)[None, :] <= np.arange(L)[:, None]
+    if key_mask is not None:
+        keep &= np.asarray(key_mask)[..., None, :]
+    w = np.where(keep, w, 0.0)
+    den = np.sum(w, axis=-1, keepdims=True) + (1.0 if softmax_one else 0.0)
+    f = np.where(den != 0, w / np.where(den != 0, den, 1.0), 0.0)
+    if query_mask is not None:
+        f = np.where(np.asarray(query_mask)[..., :, None], f, 0.0)
+    return f

@@ -1,11 +1,21 @@
-"""PyTorch bridge: gpulora's LoRA gradients for ``torch`` tensors, zero-copy through DLPack.
+"""PyTorch bridge: gpulora for ``torch`` tensors, zero-copy through DLPack.
 
 Tensors go in without a copy (``numpy.from_dlpack`` for CPU tensors, ``cupy.from_dlpack`` for CUDA tensors;
 a tensor that requires grad is detached first, which shares its storage) and results come back with
-``torch.from_dlpack``, on the device and in the dtype of ``x``. Three ways in:
+``torch.from_dlpack``, on the device and in the dtype of the inputs.
 
-* :func:`lora_grad` -- the loss and the adapter gradients as torch tensors (layout of :mod:`gpulora`:
-  ``W = W0 + (alpha / r) B @ A``, ``x @ W``);
+**Attention with gpulora's backward** (:mod:`gpulora.torch_attention`, re-exported here):
+:func:`attention` is a :class:`torch.autograd.Function` over ``q, k, v`` (grouped-query heads, key padding
+mask, causal; float16/bfloat16 computed in float32) whose backward is :func:`gpulora.attention_vjp`;
+:func:`options` / :func:`set_options` choose the method, :func:`last_run` / :func:`recording` say what ran.
+When transformers is installed, importing this module registers ``attn_implementation="gpulora"``
+(:mod:`gpulora.hf_attention`), so that any transformers model, PEFT LoRA included, trains with it.
+
+**LoRA gradients of one head** in gpulora's layout (``W = W0 + (alpha / r) B @ A``, ``x @ W``), where only
+the adapters get gradients (``x``, ``y`` and the frozen weights are constants; a tensor among them that
+requires grad is refused rather than silently given no gradient), float32 and float64:
+
+* :func:`lora_grad` -- the loss and the adapter gradients as torch tensors;
 * :func:`attention_loss` -- a scalar loss tensor whose ``.backward()`` fills ``B.grad`` and ``A.grad`` of the
   adapters (a :class:`torch.autograd.Function` whose backward is gpulora's gradient, computed in the
   forward call with the loss: one call, no graph, ``O(L)`` memory);
@@ -13,14 +23,13 @@ a tensor that requires grad is detached first, which shares its storage) and res
   a gpulora Head and LoRA, ``W0 = base_layer.weight.T``, ``B = lora_A.weight.T``, ``A = lora_B.weight.T``, and
   accumulate the gradients into ``lora_A.weight.grad`` and ``lora_B.weight.grad``.
 
-Only the adapters get gradients: ``x``, ``y`` and the frozen weights are constants (a tensor among them that
-requires grad is refused rather than silently given no gradient). float32 and float64 only; the cost is
-that of :func:`gpulora.lora_grad`, plus nothing for the conversions. See ``docs/pytorch.md``.
+The cost is that of the gpulora call, plus nothing for the conversions. See ``docs/pytorch.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,7 +46,8 @@ from .grad import lora_grad as _lora_grad
 from .grad import loss as _loss
 from .model import TARGETS, AdapterGrad, GradResult, Head, LoRA
 
-__all__ = ["PeftAttention", "attention_loss", "from_peft", "head_and_lora", "lora_grad", "peft_backward",
+__all__ = ["AttentionFunction", "Options", "PeftAttention", "Run", "attention", "attention_loss", "from_peft",
+           "head_and_lora", "last_run", "lora_grad", "options", "peft_backward", "recording", "set_options",
            "to_array", "to_torch"]
 
 _DTYPES = (torch.float32, torch.float64)
@@ -87,23 +97,31 @@ def to_torch(a):
 
 
 def head_and_lora(w_q, w_k, w_v, adapters: Mapping[str, tuple], *, alpha, heads=1, beta=None,
-                  softmax_one=False) -> tuple[Head, LoRA]:
+                  softmax_one=False, kv_heads=None, biases: Mapping[str, Any] | None = None) -> tuple[Head, LoRA]:
     """gpulora's :class:`~gpulora.Head` and :class:`~gpulora.LoRA` viewing torch tensors (no copy).
 
     Parameters
     ----------
-    w_q, w_k : tensor of shape (d_model, heads * d_head)
-    w_v : tensor of shape (d_model, heads * d_v)
+    w_q : tensor of shape (d_model, heads * d_head)
+    w_k : tensor of shape (d_model, kv_heads * d_head)
+    w_v : tensor of shape (d_model, kv_heads * d_v)
         Frozen weights in the ``x @ W`` layout (``nn.Linear.weight.T``).
     adapters : mapping of {"q", "k", "v"} to (B, A)
         ``B (d_model, r)``, ``A (r, d_out)`` tensors (PEFT: ``lora_A.weight.T``, ``lora_B.weight.T``).
     alpha : float
         The scaling of an adapter of rank ``r`` is ``alpha / r``.
-    heads, beta, softmax_one
-        As in :class:`gpulora.Head`.
+    heads, beta, softmax_one, kv_heads
+        As in :class:`gpulora.Head` (``kv_heads``: grouped-query attention; default ``heads``).
+    biases : mapping of {"q", "k", "v"} to tensor of shape (d_out,), optional
+        Frozen projection biases (``base_layer.bias``), constants like the weights.
     """
+    biases = {} if biases is None else dict(biases)
+    unknown = set(biases) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"biases has unknown targets {sorted(unknown)}; expected a subset of {TARGETS}")
+    b = {f"b_{t}": to_array(v, f"biases[{t!r}]") for t, v in biases.items() if v is not None}
     head = Head(to_array(w_q, "w_q"), to_array(w_k, "w_k"), to_array(w_v, "w_v"), beta=beta, heads=heads,
-                softmax_one=softmax_one)
+                softmax_one=softmax_one, kv_heads=kv_heads, **b)
     if not isinstance(adapters, Mapping):
         raise TypeError(f"adapters must be a dict of target -> (B, A), got {type(adapters).__name__}")
     arrays = {}
@@ -120,12 +138,13 @@ def _to_torch_result(res: GradResult) -> GradResult:
 
 
 def lora_grad(w_q, w_k, w_v, adapters: Mapping[str, tuple], x, y, *, alpha, heads=1, beta=None,
-              softmax_one=False, method="auto", degree=None, tol=None, causal=False, family=None) -> GradResult:
+              softmax_one=False, method="auto", degree=None, tol=None, causal=False, family=None, kv_heads=None,
+              biases=None) -> GradResult:
     """:func:`gpulora.lora_grad` for torch tensors: loss and adapter gradients as torch tensors.
 
     Parameters
     ----------
-    w_q, w_k, w_v, adapters, alpha, heads, beta, softmax_one
+    w_q, w_k, w_v, adapters, alpha, heads, beta, softmax_one, kv_heads, biases
         As in :func:`head_and_lora`.
     x : tensor of shape (L, d_model) or (batch, L, d_model)
     y : tensor of shape (L, heads * d_v) or (batch, L, heads * d_v)
@@ -151,7 +170,7 @@ def lora_grad(w_q, w_k, w_v, adapters: Mapping[str, tuple], x, y, *, alpha, head
     torch.Size([2, 4])
     """
     head, lora = head_and_lora(w_q, w_k, w_v, adapters, alpha=alpha, heads=heads, beta=beta,
-                               softmax_one=softmax_one)
+                               softmax_one=softmax_one, kv_heads=kv_heads, biases=biases)
     res = _lora_grad(head, lora, to_array(x, "x"), to_array(y, "y"), method=method, degree=degree, tol=tol,
                      causal=causal, family=family)
     return _to_torch_result(res)
@@ -171,7 +190,7 @@ class _AttentionLoss(torch.autograd.Function):
                              "only; pass them detached (.detach()) or frozen (requires_grad=False)")
         targets = opts["targets"]
         adapters = {t: (flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(targets)}
-        kw = {k: opts[k] for k in ("alpha", "heads", "beta", "softmax_one")}
+        kw = {k: opts[k] for k in ("alpha", "heads", "beta", "softmax_one", "kv_heads", "biases")}
         run = {k: opts[k] for k in ("method", "degree", "tol", "causal", "family")}
         if any(ctx.needs_input_grad[6:]):
             res = lora_grad(w_q, w_k, w_v, adapters, x, y, **kw, **run)
@@ -198,7 +217,7 @@ class _AttentionLoss(torch.autograd.Function):
 
 def attention_loss(x, y, w_q, w_k, w_v, adapters: Mapping[str, tuple], *, alpha, heads=1, beta=None,
                    softmax_one=False, method="auto", degree=None, tol=None, causal=False, family=None,
-                   info: dict | None = None):
+                   info: dict | None = None, kv_heads=None, biases=None):
     """The loss ``0.5 ||attention(x) - y||^2`` as a differentiable tensor: ``.backward()`` gives the adapters
     (and only them) gpulora's gradients.
 
@@ -214,14 +233,19 @@ def attention_loss(x, y, w_q, w_k, w_v, adapters: Mapping[str, tuple], *, alpha,
     Raises
     ------
     ValueError
-        When ``x``, ``y`` or a frozen weight requires grad (gpulora does not compute those gradients).
+        When ``x``, ``y``, a frozen weight or a bias requires grad (gpulora does not compute those gradients).
     """
+    for t, b in (biases or {}).items():
+        if isinstance(b, torch.Tensor) and b.requires_grad:
+            raise ValueError(f"biases[{t!r}] requires grad, but gpulora gives gradients for the adapters only; "
+                             "pass it detached (.detach()) or frozen (requires_grad=False)")
     targets = tuple(t for t in TARGETS if t in adapters)
     if set(adapters) - set(targets):
         raise ValueError(f"adapters has unknown targets {sorted(set(adapters) - set(targets))}; expected a "
                          f"subset of {TARGETS}")
     opts = {"targets": targets, "alpha": alpha, "heads": heads, "beta": beta, "softmax_one": softmax_one,
-            "method": method, "degree": degree, "tol": tol, "causal": causal, "family": family, "info": info}
+            "method": method, "degree": degree, "tol": tol, "causal": causal, "family": family, "info": info,
+            "kv_heads": kv_heads, "biases": biases}
     flat = [a for t in targets for a in adapters[t]]
     return _AttentionLoss.apply(opts, x, y, w_q, w_k, w_v, *flat)
 
@@ -240,6 +264,8 @@ class PeftAttention:
         ``scaling * r``, common to the adapted projections (gpulora's scaling is ``alpha / r``).
     params : dict of str to (lora_A.weight, lora_B.weight)
         The parameters that :func:`peft_backward` gives gradients to.
+    biases : dict of str to tensor
+        ``base_layer.bias`` of the projections that have one (constants, like the weights).
     """
 
     w_q: Any
@@ -248,6 +274,7 @@ class PeftAttention:
     adapters: dict
     alpha: float
     params: dict
+    biases: dict = dataclasses.field(default_factory=dict)
 
 
 def _is_lora_layer(module) -> bool:
@@ -255,15 +282,16 @@ def _is_lora_layer(module) -> bool:
 
 
 def _base_weight(name, module):
+    """``(W0 in the x @ W layout, bias or None)`` of a projection."""
     base = module.base_layer if _is_lora_layer(module) else module
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise TypeError(f"{name} must be a PEFT LoRA layer or a linear layer with a 2-d weight, got "
                         f"{type(module).__name__}")
     bias = getattr(base, "bias", None)
-    if bias is not None and bool(torch.any(bias != 0)):
-        raise ValueError(f"{name} has a non-zero bias; gpulora's attention head has none (Q = x @ Wq)")
-    return weight if getattr(module, "fan_in_fan_out", False) else weight.T
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.ndim != 1):
+        raise TypeError(f"{name} must have a 1-d bias or none, got {type(bias).__name__}")
+    return (weight if getattr(module, "fan_in_fan_out", False) else weight.T), bias
 
 
 def _lookup(module, attr, key):
@@ -292,14 +320,16 @@ def from_peft(q_proj, k_proj, v_proj, *, adapter_name: str = "default") -> PeftA
     Raises
     ------
     ValueError
-        For a layer with a non-zero bias, merged adapters, DoRA, active dropout (gpulora computes the
+        For a layer with merged adapters, DoRA, active dropout (gpulora computes the
         dropout-free gradient: call ``.eval()`` or use ``lora_dropout=0``), or adapters whose
         ``scaling * r`` differ (gpulora's single ``alpha``).
     """
-    weights, adapters, params, alphas = {}, {}, {}, {}
+    weights, biases, adapters, params, alphas = {}, {}, {}, {}, {}
     for t, module in zip(TARGETS, (q_proj, k_proj, v_proj)):
         name = f"{t}_proj"
-        weights[t] = _base_weight(name, module)
+        weights[t], bias = _base_weight(name, module)
+        if bias is not None:
+            biases[t] = bias.detach()
         if not _is_lora_layer(module):
             continue
         if adapter_name not in module.lora_A:
@@ -322,19 +352,39 @@ def from_peft(q_proj, k_proj, v_proj, *, adapter_name: str = "default") -> PeftA
     if any(abs(a - alpha) > 1e-12 * abs(alpha) for a in alphas.values()):
         raise ValueError(f"the adapters' scaling * r differ ({alphas}); gpulora uses one alpha with scaling "
                          "alpha / r per adapter")
-    return PeftAttention(weights["q"], weights["k"], weights["v"], adapters, alpha, params)
+    return PeftAttention(weights["q"], weights["k"], weights["v"], adapters, alpha, params, biases)
 
 
 def peft_backward(att: PeftAttention, x, y, *, heads=1, beta=None, softmax_one=False, method="auto",
-                  degree=None, tol=None, causal=False, family=None) -> GradResult:
+                  degree=None, tol=None, causal=False, family=None, kv_heads=None) -> GradResult:
     """Accumulate gpulora's gradients into ``lora_A.weight.grad`` (``+= dB.T``) and ``lora_B.weight.grad``
     (``+= dA.T``) of the PEFT layers, like ``loss.backward()`` would; returns the torch
-    :class:`~gpulora.GradResult`. Arguments as in :func:`lora_grad`."""
+    :class:`~gpulora.GradResult`. Arguments as in :func:`lora_grad` (the projections' biases come from
+    ``att``)."""
     res = lora_grad(att.w_q, att.w_k, att.w_v, att.adapters, x, y, alpha=att.alpha, heads=heads, beta=beta,
-                    softmax_one=softmax_one, method=method, degree=degree, tol=tol, causal=causal, family=family)
+                    softmax_one=softmax_one, method=method, degree=degree, tol=tol, causal=causal, family=family,
+                    kv_heads=kv_heads, biases=att.biases)
     with torch.no_grad():
         for t, (a_w, b_w) in att.params.items():
             for p, g in ((a_w, res.grads[t].B.T), (b_w, res.grads[t].A.T)):
                 g = g.to(p.dtype)
                 p.grad = g.clone() if p.grad is None else p.grad + g
     return res
+
+
+# attention on torch tensors (autograd Function, options, run records), from gpulora.torch_attention; looked up
+# on first use, because that module imports the converters above (either module may be imported first)
+_ATTENTION_NAMES = ("AttentionFunction", "Options", "Run", "attention", "last_run", "options", "recording",
+                    "set_options")
+
+
+def __getattr__(name):
+    if name in _ATTENTION_NAMES:
+        from . import torch_attention
+
+        return getattr(torch_attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if importlib.util.find_spec("transformers") is not None:
+    from . import hf_attention  # noqa: E402,F401  (importing it registers attn_implementation="gpulora")

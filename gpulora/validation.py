@@ -18,6 +18,7 @@ __all__ = [
     "METHODS",
     "all_finite",
     "check_alpha",
+    "check_key_mask",
     "check_beta",
     "check_bool",
     "check_bound",
@@ -27,10 +28,14 @@ __all__ = [
     "check_method",
     "check_real_array",
     "check_tol",
+    "check_fits",
+    "compute_dtype",
+    "result_dtype",
 ]
 
 METHODS = ("auto", "exact", "poly")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_HALF = ("float16", "bfloat16")  # bfloat16: NumPy arrays of ml_dtypes' dtype
 # ndarray subclasses whose arithmetic is that of ndarray (np.memmap); every other subclass is refused:
 # np.matrix changes ``*`` and keeps 2 dimensions, masked arrays hide values (NaN under a mask included).
 _PLAIN_SUBCLASSES = (np.memmap,)
@@ -49,15 +54,22 @@ def _check_array_type(name: str, a) -> None:
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
 
 
-def check_real_array(name: str, a, *, ndim=None, min_ndim=None, finite: bool = True):
+def _is_half(dtype) -> bool:
+    return np.dtype(dtype).name in _HALF
+
+
+def check_real_array(name: str, a, *, ndim=None, min_ndim=None, finite: bool = True, half: bool = False):
     """Check that ``a`` is a NumPy or CuPy array of float32/float64 with the expected rank and finite values.
 
-    NumPy subclasses that change the arithmetic (``np.matrix``, masked arrays, ...) are refused with a
-    ``TypeError``; ``np.memmap`` is accepted. Returns ``a`` itself (never a copy, never modified).
+    ``half=True`` also accepts float16 and bfloat16 (the latter as ml_dtypes' NumPy dtype); such inputs are
+    computed in float32 (:func:`compute_dtype`). NumPy subclasses that change the arithmetic
+    (``np.matrix``, masked arrays, ...) are refused with a ``TypeError``; ``np.memmap`` is accepted. Returns
+    ``a`` itself (never a copy, never modified).
     """
     _check_array_type(name, a)
-    if a.dtype not in _DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    if a.dtype not in _DTYPES and not (half and _is_half(a.dtype)):
+        allowed = "float16, bfloat16, float32 or float64" if half else "float32 or float64"
+        raise TypeError(f"{name} must have dtype {allowed}, got {a.dtype}")
     if ndim is not None and a.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
     if min_ndim is not None and a.ndim < min_ndim:
@@ -169,3 +181,39 @@ def check_method(method: str) -> str:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return method
+
+
+def check_key_mask(key_mask, lead: tuple, L: int, name: str = "key_mask"):
+    """A boolean array of shape ``lead + (L,)`` (True = attend), from the namespace of the other arrays.
+
+    Returns it unchanged; raises ``TypeError`` for a non-boolean dtype, ``ValueError`` for a wrong shape.
+    """
+    _check_array_type(name, key_mask)
+    if key_mask.dtype != np.bool_:
+        raise TypeError(f"{name} must have dtype bool (True = attend), got {key_mask.dtype}")
+    want = tuple(lead) + (L,)
+    if tuple(key_mask.shape) != want:
+        raise ValueError(f"{name} must have shape {want} (the batch shape, then L), got {tuple(key_mask.shape)}")
+    return key_mask
+
+
+def result_dtype(*arrays) -> np.dtype:
+    """The dtype results come back in: NumPy's promotion of the inputs' dtypes (``None`` entries skipped).
+
+    float32 with float64 gives float64 (no input is silently downcast); float16 with bfloat16 gives float32.
+    """
+    return np.result_type(*(np.dtype(a.dtype) for a in arrays if a is not None))
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """The dtype the arithmetic runs in: :func:`result_dtype`, with float16/bfloat16 raised to float32."""
+    dtype = result_dtype(*arrays)
+    return np.dtype(np.float32) if _is_half(dtype) else dtype
+
+
+def check_fits(dtype, *arrays) -> None:
+    """After results computed in float32 were cast back to a half-precision ``dtype``: raise ``ValueError``
+    if any overflowed it (inf), rather than return inf. A no-op (no host read) for float32/float64."""
+    if _is_half(dtype) and not all_finite(*arrays):
+        raise ValueError(f"a result overflows {np.dtype(dtype).name} (largest {float(np.finfo(dtype).max):.3g}) "
+                         f"although it was computed in float32: pass float32 inputs to get it")

@@ -1,5 +1,6 @@
 """README.md: the Quick start has exactly the two CI commands, and its Python examples run."""
 
+import importlib.util
 import pathlib
 import re
 
@@ -26,7 +27,9 @@ def _blocks(text, lang):
 
 
 def _python_blocks(gpu):
-    return [b for b in _blocks(README, "python") if ("import cupy" in b) == gpu]
+    """The runnable examples: NumPy ones (``gpu=False``) or the single-GPU CuPy one; the multi-GPU
+    dask-cuda example needs several GPUs and is only compiled (:func:`test_multi_gpu_example_compiles`)."""
+    return [b for b in _blocks(README, "python") if ("import cupy" in b) == gpu and "dask_cuda" not in b]
 
 
 def test_quick_start_has_exactly_the_two_commands():
@@ -47,6 +50,8 @@ def test_readme_sections_in_order():
 def test_numpy_examples_run(tmp_path, monkeypatch, capsys):
     blocks = _python_blocks(gpu=False)
     assert len(blocks) >= 2
+    if importlib.util.find_spec("distributed") is None:  # the dask extra is optional
+        blocks = [b for b in blocks if "gpulora.distributed" not in b]
     monkeypatch.chdir(tmp_path)  # the np.savez example writes problem.npz
     namespace = {}
     for code in blocks:  # in order, one namespace: later snippets use the objects of the first
@@ -62,3 +67,8 @@ def test_cupy_example_runs(capsys):
     (code,) = _python_blocks(gpu=True)
     exec(compile(code, "README.md", "exec"), {})
     assert "poly" in capsys.readouterr().out
+
+
+def test_multi_gpu_example_compiles():
+    (code,) = [b for b in _blocks(README, "python") if "dask_cuda" in b]
+    compile(code, "README.md", "exec")

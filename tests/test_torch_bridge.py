@@ -1,5 +1,6 @@
 """gpulora.torch: gradients equal torch autograd on the same problem written directly in torch; DLPack is
-zero-copy; the autograd Function, the PEFT mapping and the example work."""
+zero-copy; the autograd Functions (the LoRA loss, and attention with any upstream gradient), the PEFT
+mapping and the examples work."""
 
 import os
 import pathlib
@@ -171,9 +172,9 @@ class _PeftLinear(torch.nn.Module):
     """The attribute layout and forward of ``peft.tuners.lora.Linear`` (peft is not a test dependency):
     ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``."""
 
-    def __init__(self, d_in, d_out, r, lora_alpha, g):
+    def __init__(self, d_in, d_out, r, lora_alpha, g, bias=False):
         super().__init__()
-        self.base_layer = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.float64)
+        self.base_layer = torch.nn.Linear(d_in, d_out, bias=bias, dtype=torch.float64)
         self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(d_in, r, bias=False, dtype=torch.float64)})
         self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(r, d_out, bias=False, dtype=torch.float64)})
         self.lora_dropout = torch.nn.ModuleDict({"default": torch.nn.Dropout(0.1)})
@@ -181,26 +182,32 @@ class _PeftLinear(torch.nn.Module):
         with torch.no_grad():
             for p in (self.base_layer.weight, self.lora_A["default"].weight, self.lora_B["default"].weight):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / p.shape[1] ** 0.5)
-        self.base_layer.weight.requires_grad_(False)
+        self.base_layer.requires_grad_(False)
 
     def forward(self, x):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](
             self.lora_dropout["default"](x))) * self.scaling["default"]
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_peft_layers_map_onto_head_and_lora(causal):
-    """Gradients of PEFT-layout modules by torch autograd (modules' own forward) == peft_backward's."""
+def test_peft_layers_map_onto_head_and_lora(causal, bias):
+    """Gradients of PEFT-layout modules by torch autograd (modules' own forward) == peft_backward's,
+    with and without q/k/v biases (BERT-type layers have them)."""
     g = torch.Generator().manual_seed(56)
     d_model, heads, d_head, L = 8, 2, 3, 11
-    q_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g)
-    k_proj = torch.nn.Linear(d_model, heads * d_head, bias=False, dtype=torch.float64)  # not adapted
-    v_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g)
+    q_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g, bias=bias)
+    k_proj = torch.nn.Linear(d_model, heads * d_head, bias=bias, dtype=torch.float64)  # not adapted
+    v_proj = _PeftLinear(d_model, heads * d_head, 2, 8.0, g, bias=bias)
     x = torch.randn(2, L, d_model, generator=g, dtype=torch.float64)
     y = torch.randn(2, L, heads * d_head, generator=g, dtype=torch.float64)
     for m in (q_proj, k_proj, v_proj):
         m.eval()
-    k_proj.weight.requires_grad_(False)
+    k_proj.requires_grad_(False)
+    if bias:
+        with torch.no_grad():
+            for m in (q_proj.base_layer, k_proj, v_proj.base_layer):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
 
     def split(z):
         return z.reshape(2, L, heads, d_head).transpose(1, 2)
@@ -217,6 +224,7 @@ def test_peft_layers_map_onto_head_and_lora(causal):
 
     att = gt.from_peft(q_proj, k_proj, v_proj)
     assert set(att.adapters) == {"q", "v"} and att.alpha == pytest.approx(8.0)
+    assert set(att.biases) == ({"q", "k", "v"} if bias else set())
     assert att.w_q.data_ptr() == q_proj.base_layer.weight.data_ptr()  # views, no copies
     res = gt.peft_backward(att, x, y, heads=heads, method="exact", causal=causal)
     for t, m in (("q", q_proj), ("v", v_proj)):
@@ -225,6 +233,13 @@ def test_peft_layers_map_onto_head_and_lora(causal):
     assert res.method == "exact"
     gt.peft_backward(att, x, y, heads=heads, method="exact", causal=causal)  # accumulates, like backward()
     assert rel_error(q_proj.lora_A["default"].weight.grad.numpy(), 2 * want["q"][0].numpy()) < 1e-10
+    leaves = {t: tuple(a.detach().clone().requires_grad_() for a in pair) for t, pair in att.adapters.items()}
+    loss = gt.attention_loss(x, y, att.w_q, att.w_k, att.w_v, leaves, alpha=att.alpha, heads=heads,
+                             method="exact", causal=causal, biases=att.biases)
+    loss.backward()
+    for t in ("q", "v"):
+        assert rel_error(leaves[t][0].grad.T.numpy(), want[t][0].numpy()) < 1e-10
+        assert rel_error(leaves[t][1].grad.T.numpy(), want[t][1].numpy()) < 1e-10
     q_proj.train()
     with pytest.raises(ValueError, match="dropout"):
         gt.from_peft(q_proj, k_proj, v_proj)
@@ -238,6 +253,97 @@ def test_example_trains():
     assert out.returncode == 0, out.stderr
     losses = [float(v) for v in re.findall(r"loss ([0-9.eE+-]+)", out.stdout)]
     assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], out.stdout
+
+
+def _torch_attention(q, k, v, key_mask, causal, beta):
+    """Attention written out in torch (grouped-query heads repeated, padding query rows zeroed)."""
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    s = beta * q @ k.transpose(-1, -2)
+    L = s.shape[-1]
+    if causal:
+        s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[..., None, None, :], float("-inf"))
+        s = s.masked_fill(~key_mask[..., None, :, None], 0.0)  # keep padding rows finite
+    o = torch.softmax(s, dim=-1) @ v
+    return o if key_mask is None else o * key_mask[..., None, :, None]
+
+
+def _qkv(seed, batch, H, H_kv, L, d_head, d_v, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((batch, H, L, d_head), (batch, H_kv, L, d_head), (batch, H_kv, L, d_v), (batch, H, L, d_v))
+    q, k, v, d_out = (scale * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    return q, k, v, d_out
+
+
+def _vjp(fn, q, k, v, d_out):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(d_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+# (batch, H, H_kv, L, d_head, d_v, causal, padded): MHA, GQA, MQA; unmasked and padded; awkward sizes
+ATTENTION_CASES = [(2, 2, 2, 13, 4, 3, False, False), (2, 4, 2, 17, 8, 8, True, False),
+                   (3, 4, 1, 9, 5, 6, True, True), (2, 6, 3, 11, 4, 4, False, True)]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "b{}-H{}-Hkv{}-L{}-dh{}-dv{}-{}-{}".format(
+    *c[:6], "causal" if c[6] else "full", "padded" if c[7] else "dense"))
+@pytest.mark.parametrize("engine", ["gpulora", "sdpa"])
+def test_attention_backward_matches_torch_autograd(case, engine):
+    """gt.attention's forward and its backward for a random upstream gradient == torch autograd."""
+    batch, H, H_kv, L, d_head, d_v, causal, padded = case
+    q, k, v, d_out = _qkv(60, batch, H, H_kv, L, d_head, d_v)
+    key_mask = None
+    if padded:
+        key_mask = torch.arange(L)[None, :] < torch.tensor([L, L - 3, 2][:batch])[:, None]
+    beta = 0.7
+    ref_out, ref = _vjp(lambda q, k, v: _torch_attention(q, k, v, key_mask, causal, beta), q, k, v, d_out)
+    with gt.recording() as runs:
+        out, got = _vjp(lambda q, k, v: gt.attention(q, k, v, key_mask=key_mask, causal=causal, beta=beta,
+                                                     method="exact", exact_engine=engine), q, k, v, d_out)
+    assert rel_error(out.numpy(), ref_out.numpy()) < 1e-12
+    for name, a, b in zip("qkv", got, ref):
+        assert a.shape == b.shape and rel_error(a.numpy(), b.numpy()) < 1e-12, name
+    want = [("forward", "gpulora"), ("backward", "gpulora")] if engine == "gpulora" else [("forward", "sdpa")]
+    assert [(r.phase, r.engine) for r in runs] == want
+
+
+@pytest.mark.parametrize("causal, padded", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_attention_poly_holds_tol_on_bounded_scores(causal, padded, tol):
+    """Scores bounded by construction (unit q, k, beta 1.5): the poly forward and backward stay within 10 tol."""
+    q, k, v, d_out = _qkv(61, 2, 4, 2, 40, 4, 4)
+    q, k = (t / t.norm(dim=-1, keepdim=True) for t in (q, k))
+    key_mask = (torch.arange(40)[None, :] < torch.tensor([[40], [29]])) if padded else None
+    ref_out, ref = _vjp(lambda q, k, v: _torch_attention(q, k, v, key_mask, causal, 1.5), q, k, v, d_out)
+    with gt.recording() as runs, gt.options(method="poly", tol=tol):
+        out, got = _vjp(lambda q, k, v: gt.attention(q, k, v, key_mask=key_mask, causal=causal, beta=1.5),
+                        q, k, v, d_out)
+    assert [(r.phase, r.method) for r in runs] == [("forward", "poly"), ("backward", "poly")]
+    assert runs[0].degree == runs[1].degree and runs[0].bound <= 1.5 + 1e-12
+    assert rel_error(out.numpy(), ref_out.numpy()) <= 10 * tol
+    for name, a, b in zip("qkv", got, ref):
+        assert rel_error(a.numpy(), b.numpy()) <= 10 * tol, name
+
+
+def test_attention_auto_picks_and_records():
+    q, k, v, _ = _qkv(62, 1, 2, 2, 32, 4, 4)
+    with gt.options(method="auto", tol=1e-3, exact_engine="gpulora"):
+        gt.attention(q, k, v, layer="block0")
+    run = gt.last_run()
+    assert run.layer == "block0" and run.method in ("exact", "poly") and run.note.startswith("auto")
+    assert run.bound > 0
+
+
+def test_attention_has_no_double_backward():
+    q, k, v, _ = _qkv(63, 1, 2, 2, 8, 4, 4)
+    q.requires_grad_()
+    out = gt.attention(q, k, v, method="exact", exact_engine="gpulora")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
 
 
 @pytest.mark.gpu

@@ -52,7 +52,7 @@ def _replace_x(p, x):
         (lambda p: p.x[0, 0], ValueError, "x must have"),
         (lambda p: p.x[None], ValueError, "x must have"),
         (lambda p: p.x.astype(np.int64), TypeError, "x must have dtype"),
-        (lambda p: p.x.astype(np.float16), TypeError, "x must have dtype"),
+        (lambda p: p.x.astype(bool), TypeError, "x must have dtype"),
         (lambda p: p.x.astype(np.complex128), TypeError, "x must have dtype"),
         (lambda p: p.x.tolist(), TypeError, "x must be a NumPy or CuPy array"),
         (lambda p: "tokens", TypeError, "x must be"),
@@ -60,7 +60,7 @@ def _replace_x(p, x):
         (lambda p: np.where(np.arange(p.x.size).reshape(p.x.shape) == 5, np.inf, p.x), ValueError, "x must contain only finite"),
         (lambda p: p.x[:, :0], ValueError, "at least one token"),
     ],
-    ids=["d_model", "1d", "4d", "int", "float16", "complex", "list", "str", "nan", "inf", "empty"],
+    ids=["d_model", "1d", "4d", "int", "bool", "complex", "list", "str", "nan", "inf", "empty"],
 )
 def test_bad_x(prob, make, exc, word):
     with pytest.raises(exc, match=word):

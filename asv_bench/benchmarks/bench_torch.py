@@ -68,10 +68,14 @@ class TorchLoRA:
                 b.grad = a.grad = None
                 w = w0 + self.scaling[t] * (b @ a)
             proj[t] = (self.x @ w)[None, None]  # (1, 1, L, d)
-        o = torch.nn.functional.scaled_dot_product_attention(proj["q"], proj["k"], proj["v"], scale=self.beta)
+        o = self.attention(proj["q"], proj["k"], proj["v"])
         loss = 0.5 * ((o[0, 0] - self.y) ** 2).sum()
         loss.backward()
         return loss
+
+    def attention(self, q, k, v):
+        """The attention output of ``(1, 1, L, d)`` tensors: SDPA with ``scale = beta`` (subclasses swap it)."""
+        return self.torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.beta)
 
     def synchronize(self):
         if self.device == "cuda":

@@ -1,24 +1,35 @@
-r"""Exact attention loss and gradients, blocked so that memory stays linear in L.
+r"""Exact attention: output and vector-Jacobian product, blocked so that memory stays linear in L.
 
-For every leading index (batch, head) with ``Q (L, d_head)``, ``K (L, d_head)``, ``V (L, d_v)``, ``Y (L, d_v)``
-(SPEC section 2, row convention):
+For every leading index (batch, head) with ``Q (L, d_head)``, ``K (L, d_head)``, ``V (L, d_v)`` and an
+upstream gradient ``G = dloss/dO (L, d_v)`` (docs/math.md section 2, row convention):
 
-    S = beta Q K^T,  F = rowsoftmax(S),  O = F V,  G = O - Y,  loss = 0.5 ||G||_F^2
+    S = beta Q K^T,  F = rowsoftmax(S),  O = F V
     r = rowsum(G * O),  P = F * (G V^T - r 1^T)          (P = dloss/dS)
     dQ = beta P K,  dK = beta P^T Q,  dV = F^T G
 
-Causal: entries ``j > i`` of ``S`` are ``-inf``. Softmax_1 adds a virtual key with score 0 and value 0 to
-every row (``F = e^S / (1 + rowsum e^S)``); its Jacobian has the same form, so ``P`` is unchanged.
+For the paper's loss ``0.5 ||O - Y||^2`` the upstream gradient is ``G = O - Y``, formed block by block.
+
+**Masks.** Causal: entries ``j > i`` of ``S`` are ``-inf``. A key mask ``key_valid (..., L)`` (True =
+attend) excludes the masked keys (``-inf`` in their columns) and marks the query rows at masked positions
+as padding: their output is 0 and their ``G`` is taken as 0, so they contribute nothing to any gradient.
+A padding row may have no key at all (left padding under ``causal``): its row max and sum are replaced by
+0 and 1, which keeps it finite (weights 0) at a per-row cost. Softmax_1 adds a
+virtual key with score 0 and value 0 to every row (``F = e^S / (1 + rowsum e^S)``); its Jacobian has the
+same form, so ``P`` is unchanged.
+
+**Grouped-query attention.** The leading axes of ``q`` and of ``k``, ``v`` need only broadcast: with
+``q (B, H_kv, n_rep, L, d_head)`` and ``k, v (B, H_kv, 1, L, d)`` each key/value head serves its group of
+``n_rep`` query heads, and ``dK``, ``dV`` come back shaped like ``k``, ``v``, summed over the group.
 
 **Blocking** (the FlashAttention backward pattern). Query rows are processed in blocks of ``block_q``.
 When a whole key row fits (``block_k = L``), one pass per query block computes ``F`` (max-subtracted),
-``O``, ``G``, ``r``, and the block's contributions to ``dQ``, ``dK``, ``dV``. Otherwise keys come in blocks
-of ``block_k``: a first sweep computes ``O`` and the row log-sum-exp with the online softmax, a second
-recomputes ``F = exp(S - lse)`` block by block. The largest temporary is ``batch * H * block_q * block_k``
+``O``, ``r``, and the block's contributions to ``dQ``, ``dK``, ``dV``. Otherwise keys come in blocks of
+``block_k``: a first sweep computes ``O`` and the row log-sum-exp with the online softmax, a second
+recomputes ``F = exp(S - lse)`` block by block. The largest temporary is ``lead * block_q * block_k``
 elements (at most :data:`BLOCK_ELEMENTS`), never ``L x L``.
 
-**Cost** ``O(batch H L^2 (d_head + d_v))`` time (about ``L^2 (6 d_head + 6 d_v)`` flops per head with all
-targets; causal about half), ``O(batch H L (d_head + d_v) + BLOCK_ELEMENTS)`` memory.
+**Cost** ``O(lead L^2 (d_head + d_v))`` time (about ``L^2 (6 d_head + 6 d_v)`` flops per head with all
+gradients; causal about half), ``O(lead L (d_head + d_v) + BLOCK_ELEMENTS)`` memory.
 
 **Precision**: every product runs in the input dtype (BLAS/cuBLAS accumulation in that dtype); the loss is
 reduced in float64.
@@ -30,7 +41,7 @@ import math
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "attention_output", "block_sizes", "loss_and_grads", "scores"]
+__all__ = ["BLOCK_ELEMENTS", "attention_output", "attention_vjp", "block_sizes", "loss_and_grads", "scores"]
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -47,44 +58,71 @@ def block_sizes(lead: int, L: int, block_q=None, block_k=None) -> tuple[int, int
     return max(1, min(int(block_q), L)), block_k
 
 
-def scores(xp, qb, kb, beta, i0, j0, causal, fill=-math.inf):
-    """Scores ``beta qb kb^T`` of the query rows from ``i0`` and key rows from ``j0``, shape ``[lead, bq, bk]``;
-    with ``causal``, entries ``j > i`` are ``fill``."""
+def scores(xp, qb, kb, beta, i0, j0, causal, fill=-math.inf, key_valid=None):
+    """Scores ``beta qb kb^T`` of the query rows from ``i0`` and key rows from ``j0``, shape ``[lead, bq, bk]``.
+
+    Entries ``j > i`` (with ``causal``) and the columns of masked keys (``key_valid (..., L)`` False) are
+    ``fill``; both masks are applied in one pass over the block.
+    """
     s = beta * (qb @ kb.mT)
+    allowed = None
     if causal:
-        i = xp.arange(i0, i0 + qb.shape[-2])[:, None]
-        j = xp.arange(j0, j0 + kb.shape[-2])[None, :]
-        s = xp.where(j > i, fill, s)
-    return s
+        allowed = xp.arange(j0, j0 + kb.shape[-2])[None, :] <= xp.arange(i0, i0 + qb.shape[-2])[:, None]
+    if key_valid is not None:
+        keys = key_valid[..., None, j0:j0 + kb.shape[-2]]
+        allowed = keys if allowed is None else xp.logical_and(allowed, keys)
+    return s if allowed is None else xp.where(allowed, s, fill)
 
 
-def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one):
+def _sum_to(xp, a, shape):
+    """Sum ``a`` over the leading axes where ``shape`` has 1 (or lacks the axis): the adjoint of broadcasting."""
+    extra = a.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape) if n == 1 and a.shape[extra + i] != 1)
+    return xp.reshape(xp.sum(a, axis=axes), shape) if axes else a
+
+
+def _finite_max(xp, m):
+    """Row maxima with those of rows that have no key at all (all scores ``-inf``: padding rows) set to 0;
+    with their sums set to 1 (``xp.where(l == 0, 1.0, l)``) their weights are 0 and their log-sum-exp finite."""
+    return xp.where(m == -math.inf, 0.0, m)
+
+
+def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, key_valid):
     """Output, row log-sum-exp and (single key block only) the weights ``F`` of one query block."""
     if kv_end <= block_k:
-        s = scores(xp, qb, k[..., :kv_end, :], beta, i0, 0, causal)
+        s = scores(xp, qb, k[..., :kv_end, :], beta, i0, 0, causal, key_valid=key_valid)
         m = xp.max(s, axis=-1, keepdims=True)
         if softmax_one:
             m = xp.maximum(m, 0.0)
+        if key_valid is not None:
+            m = _finite_max(xp, m)
         e = xp.exp(s - m)
         l = xp.sum(e, axis=-1, keepdims=True)
         if softmax_one:
             l = l + xp.exp(-m)
+        if key_valid is not None:
+            l = xp.where(l == 0, 1.0, l)
         f = e / l
         return f @ v[..., :kv_end, :], m + xp.log(l), f
-    lead, bq = qb.shape[:-2], qb.shape[-2]
+    lead = tuple(max(a, b) for a, b in zip(qb.shape[:-2], k.shape[:-2]))
+    bq = qb.shape[-2]
     # online softmax; Softmax_1 starts from its virtual key (score 0, value 0)
     m = xp.full(lead + (bq, 1), 0.0 if softmax_one else -math.inf, dtype=qb.dtype)
     l = xp.full(lead + (bq, 1), 1.0 if softmax_one else 0.0, dtype=qb.dtype)
     o = xp.zeros(lead + (bq, v.shape[-1]), dtype=qb.dtype)
     for j0 in range(0, kv_end, block_k):
         j1 = min(kv_end, j0 + block_k)
-        s = scores(xp, qb, k[..., j0:j1, :], beta, i0, j0, causal)
+        s = scores(xp, qb, k[..., j0:j1, :], beta, i0, j0, causal, key_valid=key_valid)
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
-        e = xp.exp(s - m_new)
-        rescale = xp.exp(m - m_new)
+        # a row whose keys so far are all masked keeps m = -inf: shift by 0 there (its terms are all 0)
+        shift = _finite_max(xp, m_new) if key_valid is not None else m_new
+        e = xp.exp(s - shift)
+        rescale = xp.exp(m - shift)
         l = l * rescale + xp.sum(e, axis=-1, keepdims=True)
         o = o * rescale + e @ v[..., j0:j1, :]
         m = m_new
+    if key_valid is not None:
+        m, l = _finite_max(xp, m), xp.where(l == 0, 1.0, l)
     return o / l, m + xp.log(l), None
 
 
@@ -92,46 +130,75 @@ def _kv_end(L, i1, causal):
     return min(L, i1) if causal else L
 
 
-def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, block_q=None, block_k=None):
-    """``O = softmax(beta Q K^T) V`` of shape ``(..., L, d_v)``, blocked like :func:`loss_and_grads`."""
+def _row_valid(key_valid, i0, i1):
+    return None if key_valid is None else key_valid[..., i0:i1, None]
+
+
+def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, key_valid=None, block_q=None,
+                     block_k=None):
+    """``O = softmax(beta Q K^T) V`` of shape ``(..., L, d_v)``, blocked like :func:`attention_vjp`.
+
+    ``q (..., L, d_head)``, ``k (..., L, d_head)``, ``v (..., L, d_v)`` with broadcasting leading axes;
+    ``key_valid`` a boolean ``(..., L)`` broadcasting against them (padding rows of ``O`` are 0).
+    """
     xp = backend.namespace(q, k, v)
     L = q.shape[-2]
-    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k)
-    out = backend.empty(q.shape[:-1] + (v.shape[-1],), q.dtype, xp)
+    lead = tuple(max(a, b) for a, b in zip(q.shape[:-2], k.shape[:-2]))
+    bq, bk = block_sizes(math.prod(lead), L, block_q, block_k)
+    out = backend.empty(lead + (L, v.shape[-1]), q.dtype, xp)
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
         o, _, _ = _forward_rows(xp, q[..., i0:i1, :], k, v, beta, i0, _kv_end(L, i1, causal), bk, causal,
-                                softmax_one)
-        out[..., i0:i1, :] = o
+                                softmax_one, key_valid)
+        valid = _row_valid(key_valid, i0, i1)
+        out[..., i0:i1, :] = o if valid is None else xp.where(valid, o, 0.0)
     return out
 
 
-def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("q", "k", "v"),
-                   block_q=None, block_k=None):
-    """Exact loss and the gradients with respect to ``Q``, ``K``, ``V`` that ``need`` asks for.
+def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, softmax_one=False, key_valid=None,
+                  need=("q", "k", "v"), block_q=None, block_k=None, row0=0):
+    """Exact attention output and the vector-Jacobian product for an upstream gradient (or the paper's loss).
 
     Parameters
     ----------
     q, k : arrays of shape (..., L, d_head)
-    v, y : arrays of shape (..., L, d_v)
-        Same namespace and dtype; leading axes (batch, heads) are independent problems.
+    v : array of shape (..., L, d_v)
+        Same namespace and dtype; leading axes broadcast (batch, heads; grouped-query attention with a
+        size-1 group axis on ``k`` and ``v``).
     beta : float
+    grad_output : array of shape (..., L, d_v), optional
+        ``G = dloss/dO`` (the full leading shape of the output). Exactly one of ``grad_output`` and ``y``.
+    y : array of shape (..., L, d_v), optional
+        Targets of the loss ``0.5 ||O - Y||^2`` (summed over leading axes and the valid rows); ``G = O - Y``.
     causal, softmax_one : bool
+    key_valid : boolean array of shape (..., L), optional
+        True = attend; broadcasts against the leading axes. Padding rows get ``O = 0`` and ``G = 0``.
     need : iterable of {"q", "k", "v"}
-        Gradients to compute; an empty ``need`` gives the loss alone.
+        Gradients to compute; an empty ``need`` gives the output (and loss) alone.
     block_q, block_k : int, optional
         Force block sizes (tests); by default chosen by :func:`block_sizes`.
+    row0 : int
+        Position of the first query row among the keys (token-sharded exact, :mod:`gpulora.distributed`):
+        ``q``, ``grad_output``/``y`` are the rows ``row0 .. row0 + Lq`` of a sequence whose ``L`` keys ``k``,
+        ``v`` are all given. ``dq`` and the loss are then those rows'; ``dk``, ``dv`` are their partial sums
+        over the whole sequence. Cost ``O(Lq L (d_head + d_v))``.
 
     Returns
     -------
-    (loss, dq, dk, dv)
-        ``loss`` a 0-d array of ``q.dtype`` (summed over leading axes); each gradient shaped like its
-        input, or ``None`` when not needed.
+    (loss, out, dq, dk, dv)
+        ``loss`` a 0-d array of ``q.dtype`` (``None`` with ``grad_output``); ``out`` the attention output
+        ``(..., L, d_v)``; each gradient shaped like its input (``dk``, ``dv`` summed over the axes they
+        were broadcast along), or ``None`` when not needed.
     """
-    xp = backend.namespace(q, k, v, y)
+    if (grad_output is None) == (y is None):
+        raise ValueError("give exactly one of grad_output and y")
+    upstream = y if grad_output is None else grad_output
+    xp = backend.namespace(q, k, v, upstream)
     need = set(need)
-    L = q.shape[-2]
-    bq, bk = block_sizes(math.prod(q.shape[:-2]), L, block_q, block_k)
+    L, Lk = q.shape[-2], k.shape[-2]
+    lead = tuple(max(a, b) for a, b in zip(q.shape[:-2], k.shape[:-2]))
+    bq, bk = block_sizes(math.prod(lead), Lk, block_q, block_k)
+    out = backend.empty(lead + (L, v.shape[-1]), q.dtype, xp)
     dq = backend.empty(q.shape, q.dtype, xp) if "q" in need else None
     dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
     dv = xp.zeros(v.shape, dtype=v.dtype) if "v" in need else None
@@ -139,10 +206,19 @@ def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
         qb = q[..., i0:i1, :]
-        kv_end = _kv_end(L, i1, causal)
-        o, lse, f = _forward_rows(xp, qb, k, v, beta, i0, kv_end, bk, causal, softmax_one)
-        g = o - y[..., i0:i1, :]
-        loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
+        kv_end = _kv_end(Lk, row0 + i1, causal)
+        o, lse, f = _forward_rows(xp, qb, k, v, beta, row0 + i0, kv_end, bk, causal, softmax_one, key_valid)
+        valid = _row_valid(key_valid, row0 + i0, row0 + i1)
+        if valid is not None:
+            o = xp.where(valid, o, 0.0)
+        out[..., i0:i1, :] = o
+        g = upstream[..., i0:i1, :]
+        if y is not None:
+            g = o - g
+        if valid is not None:
+            g = xp.where(valid, g, 0.0)
+        if y is not None:
+            loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
         if not need:
             continue
         r = xp.sum(g * o, axis=-1, keepdims=True)
@@ -150,17 +226,26 @@ def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("
         for j0 in range(0, kv_end, bk):
             j1 = min(kv_end, j0 + bk)
             kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
-            fb = f if f is not None else xp.exp(scores(xp, qb, kb, beta, i0, j0, causal) - lse)
+            fb = f if f is not None else xp.exp(scores(xp, qb, kb, beta, row0 + i0, j0, causal, key_valid=key_valid)
+                                                - lse)
             if dv is not None:
-                dv[..., j0:j1, :] += fb.mT @ g
+                dv[..., j0:j1, :] += _sum_to(xp, fb.mT @ g, vb.shape)
             if dq is None and dk is None:
                 continue
-            # [lead, bq, bk]: dloss/dS on this block
+            # [lead, bq, bk]: dloss/dS on this block (0 on padding rows, where g = r = 0)
             p = fb * (g @ vb.mT - r)
             if dqb is not None:
-                dqb += p @ kb
+                dqb += _sum_to(xp, p @ kb, qb.shape)
             if dk is not None:
-                dk[..., j0:j1, :] += beta * (p.mT @ qb)
+                dk[..., j0:j1, :] += beta * _sum_to(xp, p.mT @ qb, kb.shape)
         if dq is not None:
             dq[..., i0:i1, :] = beta * dqb
-    return xp.astype(loss, q.dtype), dq, dk, dv
+    return (None if y is None else xp.astype(loss, q.dtype)), out, dq, dk, dv
+
+
+def loss_and_grads(q, k, v, y, beta, *, causal=False, softmax_one=False, need=("q", "k", "v"), key_valid=None,
+                   block_q=None, block_k=None):
+    """``(loss, dq, dk, dv)`` of the paper's loss ``0.5 ||O - Y||^2``: :func:`attention_vjp` with ``y``."""
+    loss, _, dq, dk, dv = attention_vjp(q, k, v, beta, y=y, causal=causal, softmax_one=softmax_one,
+                                        key_valid=key_valid, need=need, block_q=block_q, block_k=block_k)
+    return loss, dq, dk, dv

@@ -35,10 +35,13 @@ class FeatureBudgetError(ValueError):
 
 
 def poly_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int) -> int:
-    """Estimated peak memory of the polynomial gradient of ``lead`` (batch x heads) problems of ``L`` rows:
-    the two feature maps and the temporaries of building them (``4 L k``) and the two ``(k, d_v, d_head)``
-    Kronecker contractions, in the compute dtype."""
-    return itemsize * lead * (4 * L * k + 2 * k * d_v * d_head)
+    """Estimated peak memory of the polynomial gradient of ``lead`` (batch x heads) problems of ``L`` rows,
+    in the compute dtype: the larger of the streamed chains' estimates (``gpulora.poly.chain.peak_bytes``,
+    ``gpulora.poly.causal.peak_bytes``; blocks of ``L``, states of ``k (1 + d_v) (1 + d_head)``, no ``L k``)."""
+    from . import causal, chain  # late: the chains import the monomial table, which imports this module
+
+    return max(chain.peak_bytes(lead, L, k, d_head, d_v, itemsize),
+               causal.peak_bytes(lead, L, k, d_head, d_v, itemsize))
 
 
 def _human(nbytes: float) -> str:

@@ -1,33 +1,40 @@
 r"""The causal chained LoRA gradient of the polynomial method, in time almost linear in L.
 
-Same contract as :mod:`gpulora.poly.chain`, with the mask ``j <= i`` (SPEC section 5). With
+Same contract as :mod:`gpulora.poly.chain`, with the mask ``j <= i`` (docs/math.md section 5). With
 ``phi_i = phi(beta q_i)``, ``psi_j = psi(k_j)`` (:mod:`gpulora.poly.features`, ``phi_i . psi_j = p(s_ij)``),
 per leading index (batch, head):
 
     D_i  = phi_i . sum_{j<=i} psi_j   (+1 for Softmax_1),     u_i = phi_i / D_i,   F~_ij = u_i . psi_j  (j <= i)
-    o~_i = u_i . sum_{j<=i} psi_j (x) v_j,                    g_i = o~_i - y_i,    r_i = g_i . o~_i
+    o~_i = u_i . sum_{j<=i} psi_j (x) v_j,                    g_i = o~_i - y_i (or dO_i),  r_i = g_i . o~_i
     dQ_i = beta [ (u_i (x) g_i) . sum_{j<=i} psi_j (x) v_j (x) k_j  -  r_i u_i . sum_{j<=i} psi_j (x) k_j ]
     dK_j = beta [ (psi_j (x) v_j) . sum_{i>=j} u_i (x) g_i (x) q_i  -  psi_j . sum_{i>=j} u_i (x) (r_i q_i) ]
     dV_j = psi_j . sum_{i>=j} u_i (x) g_i
 
-which is the exact-gradient formula of SPEC section 2 with the causal ``F~ = rownormalise(mask * p(S))`` in
-place of ``F``, to rounding, whatever the degree (tested against the dense formula).
+which is the exact-gradient formula of docs/math.md section 2 with the causal ``F~ = rownormalise(mask *
+p(S))`` in place of ``F``, to rounding, whatever the degree (tested against the dense formula).
 
 **Chunks** (the chunked linear-attention pattern). The rows are cut into chunks of ``C``. Inside a chunk
-the masked weights are formed densely, ``A = tril(Phi_c Psi_c^T)`` (``C x C``), and the SPEC-2 formula is
+the masked weights are formed densely, ``A = tril(Phi_c Psi_c^T)`` (``C x C``), and the section-2 formula is
 applied to that block: ``F~_c = A / D``, ``P_c = F~_c * (G_c V_c^T - r)``, contributions ``F~_c V_c``,
-``beta P_c K_c`` (to dQ), ``beta P_c^T Q_c`` (to dK), ``F~_c^T G_c`` (to dV). Between chunks the
-prefix states over keys
+``beta P_c K_c`` (to dQ), ``beta P_c^T Q_c`` (to dK), ``F~_c^T G_c`` (to dV). Between chunks the prefix
+sums over keys, stacked as in :class:`gpulora.poly.chain.KeyState` (``[z | S_V | S_K | T_K]``), are carried
+forward (:func:`forward_sweep`: ``D``, ``O~``, ``G``, ``r``, dQ and the in-chunk parts of dK, dV), and the
+suffix sums over queries, stacked as in :class:`gpulora.poly.chain.QueryState` (``[R_G | R_Q | T_Q]``),
+backward (:func:`backward_sweep`: the rest of dK, dV). A chunk only sees the states of the chunks strictly
+before (after) it, so the two parts never overlap. Several chunks are processed at once as a *group*
+(per-chunk states in one GEMM, then an exclusive cumulative sum over the group's chunks plus the carried
+state), so the number of Python-level steps is ``L / (C m)`` rather than ``L / C``.
 
-    z = sum psi_j (k),  S_V = sum psi_j (x) v_j (k, d_v),  S_K = sum psi_j (x) k_j (k, d_head),
-    T_K = sum psi_j (x) v_j (x) k_j (k, d_v, d_head)
+**Carried states (token shards).** :func:`forward_sweep` starts from an optional ``prefix`` key state (the
+sum over every key before this shard: :func:`gpulora.poly.chain.key_pass` of the earlier shards, added) and
+returns the state after its last key; :func:`backward_sweep` starts from an optional ``suffix`` query state
+(the sums over every later query) and returns the state before its first query (its own sums plus the
+suffix, with the loss and the normaliser ratio). A shard that runs its backward sweep without the suffix
+gets the rest of its dK, dV from :func:`gpulora.poly.chain.key_grad_pass` with the suffix afterwards
+(the suffix's queries attend to every key of the shard: the non-causal formula).
 
-are carried forward (one sweep that also gives ``D``, ``O~``, ``G``, ``r`` and dQ), and the suffix states
-over queries ``R_G = sum u_i (x) g_i``, ``R_Q = sum u_i (x) (r_i q_i)``, ``T_Q = sum u_i (x) g_i (x) q_i``
-backward (a second sweep for dK, dV). A chunk only sees the states of the chunks strictly before (after)
-it, so the two parts never overlap. Several chunks are processed at once as a *group* (per-chunk states,
-then an exclusive cumulative sum over the group's chunks plus the carried state), so the number of
-Python-level steps is ``L / (C m)`` rather than ``L / C``.
+**Masks.** ``key_mask`` / ``query_mask`` as in :mod:`gpulora.poly.chain`: masked keys contribute nothing,
+padded query rows get zero output and gradient; a row with no real key ``j <= i`` gets zero output.
 
 **Chunk size rule.** Per row, the in-chunk work costs about ``C (k + 3 d_v + 2 d_head)`` and the state
 work ``4 k d_v d_head``; ``C`` is the power of two nearest ``k d_v d_head / (k + d_v + d_head)`` (so the
@@ -36,28 +43,33 @@ in-chunk part stays a fraction of the state part), clipped to ``[16, 512]`` and 
 :data:`BLOCK_ELEMENTS` (at least one chunk).
 
 **Cost** ``O(batch H L k d_v d_head + batch H L C (k + d_v + d_head))`` time;
-``O(batch H L (k + d_v + d_head) + BLOCK_ELEMENTS)`` memory (features and the per-row ``D``, ``G``, ``r``
-kept for the second sweep, plus one group's states and blocks); never an ``L x L`` array.
+``O(batch H L (d_head + d_v) + batch H m (C k + k d_v d_head + C^2))`` memory: the features are built per
+group in each sweep (the backward sweep rebuilds them), only ``D``, ``G``, ``r`` and the gradient rows are
+kept per row; never an ``L x L`` or ``L x k`` array.
 
 **Run-time checks.** :func:`gpulora.poly.chain.check_extreme_pairs` measures the rounding of the features
-at the most negative scores, as in the non-causal chain. Row ``i`` sums ``i + 1`` keys, so ``D_i >= (i + 1) p_min`` with ``p_min`` the minimum
-of ``p`` on ``[-M, M]``; :func:`gpulora.poly.chain.check_normaliser` is applied with that per-row bound
-once the forward sweep is done (one host read) and raises :class:`~gpulora.poly.chain.PolynomialFailure`
-before any gradient is returned.
+at the most negative scores, as in the non-causal chain. Row ``i`` sums ``n_i`` real keys (``i + 1``
+without a mask, plus the prefix's), so ``D_i >= n_i p_min`` with ``p_min`` the minimum of ``p`` on
+``[-M, M]``; the smallest ratio is accumulated on the device in the forward sweep and
+:func:`gpulora.poly.chain.check_normaliser_ratio` raises :class:`~gpulora.poly.chain.PolynomialFailure`
+before any gradient is returned (one host read).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 from .. import backend
-from .chain import PolynomialFailure, check_extreme_pairs, check_normaliser
+from .chain import (KeyState, PolynomialFailure, QueryState, _Columns, _Features, _grid, check_extreme_pairs,
+                    check_mask, check_normaliser_ratio, key_rhs, query_rhs)
 from .coefficients import PolyChoice
-from .features import feature_scales, monomial_features
 from .monomials import monomial_table
+from .products import kron_apply, row_sums
 
-__all__ = ["BLOCK_ELEMENTS", "PolynomialFailure", "chunk_size", "chunked_loss_and_grads", "chunked_output",
-           "loss_and_grads", "output"]
+__all__ = ["BLOCK_ELEMENTS", "CausalForward", "PolynomialFailure", "backward_sweep", "chunk_size",
+           "chunked_loss_and_grads", "chunked_output", "forward_sweep", "loss_and_grads", "output", "peak_bytes"]
 
 BLOCK_ELEMENTS = 1 << 17  # 1 MiB of float64 per temporary: cache-sized groups measured fastest
 MIN_CHUNK, MAX_CHUNK = 16, 512
@@ -76,240 +88,306 @@ def _group_size(lead: int, n_chunks: int, c: int, k: int, d_head: int, d_v: int)
     return max(1, min(n_chunks, BLOCK_ELEMENTS // per_chunk))
 
 
-def _exclusive(xp, carry: dict, name: str, parts, reverse=False):
-    """States before each chunk of a group: ``carry[name] + sum of parts of the earlier chunks``.
+def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int) -> int:
+    """Estimated peak memory of :func:`loss_and_grads`: the per-row arrays kept between the sweeps (padded
+    inputs, ``G``, ``r``, ``D``, output, gradients, key counts) and one group's features, states and
+    in-chunk blocks (:func:`chunk_size`, :data:`BLOCK_ELEMENTS`). Never ``L k``."""
+    c = chunk_size(L, k, d_head, d_v)
+    m = _group_size(lead, -(-L // c), c, k, d_head, d_v)
+    width = (1 + d_v) * (1 + d_head)
+    group = lead * m * (4 * c * k + 3 * k * width + 3 * c * c + 4 * c * width)
+    return itemsize * (group + lead * (L + c) * (4 * d_head + 5 * d_v + 4))
 
-    ``parts (B, m, ...)`` are per-chunk sums; ``carry[name] (B, ...)`` the state carried from the previous
-    groups (zero when absent), advanced in place past this group. ``reverse`` sums the later chunks
-    instead (suffix states). Returns the states ``(B, m, ...)``; the sums are sequential over chunks.
+
+def _exclusive(xp, carry, parts, reverse=False):
+    """States before each chunk of a group, and the carry past the group.
+
+    ``parts (B, m, ...)`` are per-chunk sums, ``carry (B, ...)`` the state carried from the previous groups.
+    ``reverse`` sums the later chunks instead (suffix states). Returns ``(states (B, m, ...), new carry)``.
     """
-    if name not in carry:
-        carry[name] = xp.zeros(parts.shape[:1] + parts.shape[2:], dtype=parts.dtype)
     if reverse:
         parts = xp.flip(parts, axis=1)
     total = xp.cumulative_sum(parts, axis=1)
-    states = xp.concat([xp.zeros_like(parts[:, :1]), total[:, :-1]], axis=1) + carry[name][:, None]
-    carry[name] = carry[name] + total[:, -1]
-    return xp.flip(states, axis=1) if reverse else states
+    states = xp.concat([xp.zeros_like(parts[:, :1]), total[:, :-1]], axis=1) + carry[:, None]
+    return (xp.flip(states, axis=1) if reverse else states), carry + total[:, -1]
 
 
-def _kron_rows(xp, a, b):
-    """Row-wise Kronecker product of ``a (..., C, p)`` and ``b (..., C, q)``: ``(..., C, p q)``."""
-    return xp.reshape(a[..., :, None] * b[..., None, :], a.shape[:-1] + (a.shape[-1] * b.shape[-1],))
+class _Layout:
+    """The chunked layout of one call: ``(B, n, C, d)`` views of zero-padded rows, masks with the padding."""
 
-
-def _readout(xp, w, a, t):
-    """``out_i = (w_i (x) a_i) . t`` for ``w (..., C, k)``, ``a (..., C, p)``, ``t (..., k, p q)``: ``(..., C, q)``."""
-    p = a.shape[-1]
-    z = w @ t  # [..., C, p * q]
-    z = xp.reshape(z, z.shape[:-1] + (p, z.shape[-1] // p))
-    return xp.sum(a[..., None] * z, axis=-2)
-
-
-class _Sweep:
-    """Padded, chunked layout of one call: features, and the arrays the two sweeps share."""
-
-    def __init__(self, q, k, v, beta, choice: PolyChoice, compute_dtype, softmax_one, chunk, group):
-        xp = backend.namespace(q, k, v)
-        self.xp = xp
-        self.softmax_one = softmax_one
+    def __init__(self, xp, q, k, v, choice: PolyChoice, dtype, chunk, group, key_mask, query_mask):
+        self.xp, self.dtype, self.choice = xp, dtype, choice
         self.lead = q.shape[:-2]
         L, d_head, d_v = q.shape[-2], q.shape[-1], v.shape[-1]
         B = math.prod(self.lead)
-        table = monomial_table(d_head, choice.degree)
-        nk = table.k
+        nk = monomial_table(d_head, choice.degree).k
         c = chunk_size(L, nk, d_head, d_v) if chunk is None else max(1, int(chunk))
         n = -(-L // c)
         m = _group_size(B, n, c, nk, d_head, d_v) if group is None else max(1, min(n, int(group)))
         self.L, self.C, self.n, self.m, self.B, self.k = L, c, n, m, B, nk
-        self.d_head, self.d_v, self.beta = d_head, d_v, beta
-        self.dtype = compute_dtype
-        self.choice = choice
-        lp = n * c
-
-        def padded(a):  # (B, n, C, d) in the compute dtype, zero rows past L
-            a = xp.reshape(xp.astype(a, compute_dtype, copy=False), (B, L, a.shape[-1]))
-            if lp > L:
-                a = xp.concat([a, xp.zeros((B, lp - L, a.shape[-1]), dtype=compute_dtype)], axis=1)
-            return xp.reshape(a, (B, n, c, a.shape[-1]))
-
-        self.padded = padded
-        self.q, self.k_, self.v = padded(q), padded(k), padded(v)
-        sq = xp.asarray(feature_scales(choice.coef, d_head, "query"), dtype=compute_dtype)
-        sk = xp.asarray(feature_scales(choice.coef, d_head, "key"), dtype=compute_dtype)
-        # [B, n, C, k]; the constant monomial is 1 on padded rows too: zero them (no key, no query there)
-        qs = beta * self.q
-        self.phi = monomial_features(qs, table, sq)
-        self.psi = monomial_features(self.k_, table, sk)
-        # before the padded rows are zeroed (there phi . psi = p(0) still holds)
-        check_extreme_pairs(*(xp.reshape(a, (B, lp, a.shape[-1])) for a in (qs, self.k_, self.phi, self.psi)),
-                            choice)
-        if lp > L:
-            last = L - (n - 1) * c
-            self.phi[:, -1, last:, :] = 0
-            self.psi[:, -1, last:, :] = 0
-        rows = xp.reshape(xp.arange(lp), (n, c, 1))
-        # [n, C, 1]: 1 on padded rows, so that their (zero) normaliser never divides 0 by 0
-        self.pad = xp.astype(rows >= L, compute_dtype)
+        self.d_head, self.d_v = d_head, d_v
+        self.q, self.k_, self.v = self.padded(q), self.padded(k), self.padded(v)
+        rows = xp.reshape(xp.arange(n * c), (n, c, 1)) < L  # [n, C, 1]
+        self.key_real = self._mask(key_mask, rows)  # [B, n, C, 1] bool
+        self.query_real = self._mask(query_mask, rows)
         self.tril = xp.arange(c)[:, None] >= xp.arange(c)[None, :]  # [C, C]
+
+    def padded(self, a):
+        """``lead + (L, d)`` to ``(B, n, C, d)`` in the compute dtype, zero rows past ``L``."""
+        xp = self.xp
+        lp = self.n * self.C
+        a = xp.reshape(xp.astype(a, self.dtype, copy=False), (self.B, self.L, a.shape[-1]))
+        if lp > self.L:
+            a = xp.concat([a, xp.zeros((self.B, lp - self.L, a.shape[-1]), dtype=self.dtype)], axis=1)
+        return xp.reshape(a, (self.B, self.n, self.C, a.shape[-1]))
+
+    def _mask(self, mask, rows):
+        xp = self.xp
+        if mask is None:
+            return xp.broadcast_to(rows, (self.B,) + rows.shape)
+        m = xp.reshape(xp.broadcast_to(mask, self.lead + (self.L,)), (self.B, self.L, 1))
+        return xp.logical_and(self.padded_bool(m), rows)
+
+    def padded_bool(self, m):
+        xp = self.xp
+        lp = self.n * self.C
+        if lp > self.L:
+            m = xp.concat([m, xp.zeros((self.B, lp - self.L, 1), dtype=xp.bool)], axis=1)
+        return xp.reshape(m, (self.B, self.n, self.C, 1))
 
     def groups(self, reverse=False):
         starts = range(0, self.n, self.m)
         for c0 in (reversed(starts) if reverse else starts):
             yield c0, min(self.n, c0 + self.m)
 
-    def unpad(self, a):
-        """``(B, n, C, d)`` back to ``lead + (L, d)``."""
+    def unpad(self, a, dtype):
+        """``(B, n, C, d)`` back to ``lead + (L, d)`` in ``dtype``."""
         xp = self.xp
         a = xp.reshape(a, (self.B, self.n * self.C, a.shape[-1]))[:, : self.L]
-        return xp.reshape(a, self.lead + (self.L, a.shape[-1]))
+        return xp.astype(xp.reshape(a, self.lead + (self.L, a.shape[-1])), dtype, copy=False)
 
-    def check(self, den):
-        """:func:`check_normaliser` on the real rows of ``den (B, n, C, 1)``: row ``i`` needs ``(i + 1) p_min``."""
-        xp = self.xp
-        den = xp.reshape(den, (self.B, self.n * self.C))[:, : self.L]
-        lower = xp.astype(xp.arange(1, self.L + 1), self.dtype) * self.choice.min_value
-        check_normaliser(den, lower, self.choice)
+    def lead_state(self, data):
+        """``(B, ...)`` states back to ``lead + (...)``."""
+        return self.xp.reshape(data, self.lead + data.shape[1:])
 
-    def forward(self, c0, c1, carry, y=None, need=()):
-        """One group of the forward sweep.
+    def flat_state(self, data):
+        return self.xp.reshape(data, (self.B,) + data.shape[len(self.lead):])
 
-        ``carry``: dict of the prefix states before chunk ``c0`` (advanced in place). Overwrites ``phi``
-        with ``u = phi / D`` for the backward sweep. Returns ``(o, den, out)``: the output and the
-        normaliser (without the Softmax_1 one) of the group's rows, and, when ``y`` is given, ``out`` with
-        ``g``, ``r`` and the parts of ``dq`` (complete), ``dk`` and ``dv`` (in-chunk only) that ``need`` asks.
-        """
-        xp, beta = self.xp, self.beta
-        phi, psi, v = self.phi[:, c0:c1], self.psi[:, c0:c1], self.v[:, c0:c1]
-        # [B, m, C, C]: in-chunk polynomial weights, masked to j <= i
-        a = xp.where(self.tril, phi @ psi.mT, 0.0)
-        z = _exclusive(xp, carry, "z", xp.sum(psi, axis=-2))  # [B, m, k]
-        den = phi @ z[..., None] + xp.sum(a, axis=-1, keepdims=True) + self.pad[c0:c1]  # [B, m, C, 1]
-        raw_den = den - self.pad[c0:c1]
-        if self.softmax_one:
-            den = den + 1.0
-        u = phi / den
-        self.phi[:, c0:c1] = u
+
+@dataclasses.dataclass(frozen=True)
+class CausalForward:
+    """What :func:`forward_sweep` returns: rows in the chunked layout, and the carried key state.
+
+    Attributes
+    ----------
+    o, dq, dk, dv : arrays of shape (B, n, C, d) or None
+        Output; complete ``dQ``; the in-chunk parts of ``dK``, ``dV`` (the backward sweep adds the rest).
+        None where not computed (``dq``, ``dk``, ``dv`` need ``G`` and the target in ``need``).
+    g, r, den : arrays of shape (B, n, C, d_v), (B, n, C, 1), (B, n, C, 1) or None
+        ``G``, ``r`` and the normaliser (with the Softmax_1 one; 1 where no key) the backward sweep needs.
+    keys : KeyState
+        The prefix state plus this shard's keys: the ``prefix`` of the next shard.
+    loss, worst : 0-d float64 arrays
+        Loss of this shard's rows (None without targets); smallest normaliser ratio (see ``QueryState``).
+    """
+
+    o: Any
+    dq: Any
+    dk: Any
+    dv: Any
+    g: Any
+    r: Any
+    den: Any
+    keys: KeyState
+    loss: Any
+    worst: Any
+
+
+def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=None, prefix: KeyState = None,
+                  softmax_one=False, need=()) -> CausalForward:
+    """The forward sweep over the groups of ``lay`` (see the module docstring), from the carried ``prefix``.
+
+    ``mode`` is ``"y"`` (``target`` holds targets ``(B, n, C, d_v)``), ``"grad_output"`` (``target`` is
+    ``dO``), or None (output only).
+    """
+    xp, dtype = lay.xp, lay.dtype
+    B, n, C, d_v, d_head = lay.B, lay.n, lay.C, lay.d_v, lay.d_head
+    need = set(need) if mode is not None else set()
+    with_k = "q" in need
+    fq = _Features(xp, d_head, choice, "query", dtype)
+    fk = _Features(xp, d_head, choice, "key", dtype)
+    width = KeyState.width(d_v, d_head, with_k)
+    if prefix is None:
+        carry = xp.zeros((B, lay.k, width), dtype=dtype)
+        count0 = xp.zeros((B,), dtype=xp.float64)
+    else:
+        if (prefix.d_v, prefix.d_head) != (d_v, d_head):
+            raise ValueError("the prefix key state does not match these inputs")
+        carry = lay.flat_state(prefix.stacked(with_k))
+        count0 = xp.reshape(xp.broadcast_to(prefix.count, lay.lead), (B,))
+    # [B, n, C, 1]: real keys j <= i of each row, the prefix's included (float64: exact counts)
+    n_keys = xp.reshape(count0[:, None] + xp.cumulative_sum(
+        xp.reshape(xp.astype(lay.key_real, xp.float64), (B, n * C)), axis=1), (B, n, C, 1))
+    shape = (B, n, C)
+    o_all = backend.empty(shape + (d_v,), dtype, xp)
+    grad = mode is not None
+    saved = {name: backend.empty(shape + (w,), dtype, xp) for name, w in (("g", d_v), ("r", 1), ("den", 1))} \
+        if grad else {}
+    width_of = {"q": d_head, "k": d_head, "v": d_v}
+    parts_out = {t: backend.empty(shape + (width_of[t],), dtype, xp) for t in need}
+    loss = xp.zeros((), dtype=xp.float64) if mode == "y" else None
+    worst = xp.asarray(math.inf, dtype=xp.float64)
+    cols = [_Columns(xp) for _ in range(3)]
+    for c0, c1 in lay.groups():
+        qb, kb, vb = lay.q[:, c0:c1], lay.k_[:, c0:c1], lay.v[:, c0:c1]
+        kr, qr = lay.key_real[:, c0:c1], lay.query_real[:, c0:c1]
+        phi = fq(beta * qb)  # [B, m, C, k]
+        psi = xp.where(kr, fk(kb), 0.0)
+        a = xp.where(lay.tril, phi @ psi.mT, 0.0)  # [B, m, C, C]: in-chunk weights, masked to j <= i
+        states, carry = _exclusive(xp, carry, psi.mT @ key_rhs(xp, vb, kb, with_k, cols[:2]))  # [B, m, k, W]
+        x = _grid(phi @ states, 1 + d_v, xp)  # [B, m, C, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
+        raw = x[..., 0, 0:1] + row_sums(a, xp)
+        nk = n_keys[:, c0:c1]
+        real = xp.logical_and(qr, nk > 0)
+        ratio = xp.where(real, xp.astype(raw, xp.float64) / xp.where(nk > 0, nk * choice.min_value, 1.0),
+                         math.inf)
+        worst = xp.minimum(worst, xp.min(ratio))
+        den = raw + 1.0 if softmax_one else raw
+        den = xp.where(den == 0, 1.0, den)  # no key (or padding): zero output, never 0 / 0
         f = a / den  # [B, m, C, C]: the block of F~
-        s_v = _exclusive(xp, carry, "s_v", psi.mT @ v)  # [B, m, k, d_v]
-        o = u @ s_v + f @ v
-        if y is None:
-            return o, raw_den, None
-        g = o - y
-        r = xp.sum(g * o, axis=-1, keepdims=True)  # [B, m, C, 1]
-        out = {"g": g, "r": r}
+        o = xp.where(qr, x[..., 1:, 0] / den + f @ vb, 0.0)
+        o_all[:, c0:c1] = o
+        if not grad:
+            continue
+        g = target[:, c0:c1]
+        if mode == "y":
+            g = o - g
+        g = xp.where(qr, g, 0.0)
+        if loss is not None:
+            loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
+        r = row_sums(g * o, xp)  # [B, m, C, 1]
+        saved["g"][:, c0:c1], saved["r"][:, c0:c1], saved["den"][:, c0:c1] = g, r, den
         if need & {"q", "k"}:
-            p = f * (g @ v.mT - r)  # [B, m, C, C]: dloss/dS on the block
+            p = f * (g @ vb.mT - r)  # [B, m, C, C]: dloss/dS on the block
         if "q" in need:
-            kk = self.k_[:, c0:c1]
-            t_k = _exclusive(xp, carry, "t_k", psi.mT @ _kron_rows(xp, v, kk))  # [B, m, k, d_v d_head]
-            s_k = _exclusive(xp, carry, "s_k", psi.mT @ kk)  # [B, m, k, d_head]
-            out["dq"] = beta * (_readout(xp, u, g, t_k) - r * (u @ s_k) + p @ kk)
+            parts_out["q"][:, c0:c1] = beta * (kron_apply(x[..., 1:], cols[2](-r, g), xp) / den + p @ kb)
         if "k" in need:
-            out["dk"] = beta * (p.mT @ self.q[:, c0:c1])
+            parts_out["k"][:, c0:c1] = beta * (p.mT @ qb)
         if "v" in need:
-            out["dv"] = f.mT @ g
-        return o, raw_den, out
+            parts_out["v"][:, c0:c1] = f.mT @ g
+    total = n_keys[:, -1, -1, 0]
+    keys = KeyState(xp.reshape(total, lay.lead), lay.lead_state(carry), d_v, d_head, with_k)
+    return CausalForward(o_all, parts_out.get("q"), parts_out.get("k"), parts_out.get("v"), saved.get("g"),
+                         saved.get("r"), saved.get("den"), keys, loss, worst)
 
-    def backward(self, c0, c1, carry, g, r, need):
-        """One group of the backward sweep: the suffix-state parts of dK and dV (``carry`` as in forward)."""
-        xp, beta = self.xp, self.beta
-        u, psi = self.phi[:, c0:c1], self.psi[:, c0:c1]
-        out = {}
+
+def backward_sweep(lay: _Layout, fwd: CausalForward, beta, choice: PolyChoice, *, suffix: QueryState = None,
+                   need=("k", "v")):
+    """The backward sweep: adds the suffix-state parts of dK, dV into ``fwd.dk``, ``fwd.dv`` (in place) and
+    returns the :class:`QueryState` before the first row (this shard's sums plus ``suffix``, with the loss
+    and normaliser ratio of both)."""
+    xp, dtype = lay.xp, lay.dtype
+    B, d_v, d_head = lay.B, lay.d_v, lay.d_head
+    need = set(need) & {"k", "v"}
+    with_k = "k" in need
+    width = QueryState.width(d_v, d_head, with_k)
+    fq = _Features(xp, d_head, choice, "query", dtype)
+    fk = _Features(xp, d_head, choice, "key", dtype)
+    if suffix is None:
+        carry = xp.zeros((B, lay.k, width), dtype=dtype)
+        loss, worst = fwd.loss, fwd.worst
+    else:
+        if (suffix.d_v, suffix.d_head) != (d_v, d_head):
+            raise ValueError("the suffix query state does not match these inputs")
+        carry = lay.flat_state(suffix.stacked(with_k))
+        loss = None if fwd.loss is None else fwd.loss + suffix.loss
+        worst = xp.minimum(fwd.worst, suffix.worst)
+    rows = 1 + d_v if with_k else d_v
+    cols = [_Columns(xp) for _ in range(3)]
+    for c0, c1 in lay.groups(reverse=True):
+        qb, kb, vb = lay.q[:, c0:c1], lay.k_[:, c0:c1], lay.v[:, c0:c1]
+        g, r = fwd.g[:, c0:c1], fwd.r[:, c0:c1]
+        u = fq(beta * qb) / fwd.den[:, c0:c1]
+        psi = xp.where(lay.key_real[:, c0:c1], fk(kb), 0.0)
+        states, carry = _exclusive(xp, carry, u.mT @ query_rhs(xp, g, r, qb, with_k, cols[:2]), reverse=True)  # [B, m, k, W]
+        x = _grid(psi @ states, rows, xp)  # [B, m, C, rows, cols]
         if "v" in need:
-            r_g = _exclusive(xp, carry, "r_g", u.mT @ g, reverse=True)  # [B, m, k, d_v]
-            out["dv"] = psi @ r_g
+            fwd.dv[:, c0:c1] += x[..., 1:, 0] if with_k else x[..., 0]
         if "k" in need:
-            qq = self.q[:, c0:c1]
-            t_q = _exclusive(xp, carry, "t_q", u.mT @ _kron_rows(xp, g, qq), reverse=True)
-            r_q = _exclusive(xp, carry, "r_q", u.mT @ (r * qq), reverse=True)  # [B, m, k, d_head]
-            out["dk"] = beta * (_readout(xp, psi, self.v[:, c0:c1], t_q) - psi @ r_q)
-        return out
+            fwd.dk[:, c0:c1] += beta * kron_apply(x[..., 1:], cols[2](-1.0, vb), xp)
+    return QueryState(lay.lead_state(carry), loss, worst, d_v, d_head, with_k)
+
+
+def _layout(q, k, v, beta, choice, compute_dtype, chunk, group, key_mask, query_mask):
+    xp = backend.namespace(q, k, v)
+    lead, L = q.shape[:-2], q.shape[-2]
+    query_mask = check_mask("query_mask", query_mask, lead, L)
+    key_mask = check_mask("key_mask", key_mask, lead, L)
+    check_extreme_pairs(beta * xp.astype(q, compute_dtype, copy=False), xp.astype(k, compute_dtype, copy=False),
+                        choice, query_mask=query_mask, key_mask=key_mask)
+    return _Layout(xp, q, k, v, choice, compute_dtype, chunk, group, key_mask, query_mask)
 
 
 def chunked_output(q, k, v, beta, choice: PolyChoice, compute_dtype, *, softmax_one=False, chunk=None,
-                   group=None):
-    """:func:`output` with the chunk size ``C`` and the group size ``m`` (chunks per step) forced (tests)."""
-    sw = _Sweep(q, k, v, beta, choice, compute_dtype, softmax_one, chunk, group)
-    xp = sw.xp
-    o = backend.empty((sw.B, sw.n, sw.C, sw.d_v), sw.dtype, xp)
-    den = backend.empty((sw.B, sw.n, sw.C, 1), sw.dtype, xp)
-    carry = {}
-    for c0, c1 in sw.groups():
-        o[:, c0:c1], den[:, c0:c1], _ = sw.forward(c0, c1, carry)
-    sw.check(den)
-    return xp.astype(sw.unpad(o), q.dtype, copy=False)
+                   group=None, key_mask=None, query_mask=None, prefix: KeyState = None):
+    """:func:`output` with the chunk size ``C`` and the group size ``m`` (chunks per step) forced, masks,
+    and an optional carried ``prefix`` key state (see the module docstring)."""
+    lay = _layout(q, k, v, beta, choice, compute_dtype, chunk, group, key_mask, query_mask)
+    fwd = forward_sweep(lay, beta, choice, prefix=prefix, softmax_one=softmax_one)
+    check_normaliser_ratio(fwd.worst, choice)
+    return lay.unpad(fwd.o, q.dtype)
 
 
 def chunked_loss_and_grads(q, k, v, y, beta, choice: PolyChoice, compute_dtype, *, softmax_one=False,
-                           need=("q", "k", "v"), chunk=None, group=None):
-    """:func:`loss_and_grads` with the chunk size ``C`` and the group size ``m`` (chunks per step) forced."""
+                           need=("q", "k", "v"), chunk=None, group=None, grad_output=None, key_mask=None,
+                           query_mask=None, prefix: KeyState = None, suffix: QueryState = None,
+                           return_states=False):
+    """:func:`loss_and_grads` with the chunk size ``C`` and the group size ``m`` (chunks per step) forced,
+    and the carried states of a token shard: ``prefix`` (sum over earlier keys) and ``suffix`` (sums over
+    later queries). ``return_states`` appends ``(keys, queries)``: the key state after the last row (the next
+    shard's prefix) and the query state before the first row (the previous shard's suffix; None unless dK
+    or dV is needed)."""
+    if (y is None) == (grad_output is None):
+        raise ValueError("pass exactly one of y (targets) and grad_output (upstream gradient)")
     need = set(need)
-    sw = _Sweep(q, k, v, beta, choice, compute_dtype, softmax_one, chunk, group)
-    xp, shape = sw.xp, (sw.B, sw.n, sw.C)
-    yc = sw.padded(y)
-    g = backend.empty(shape + (sw.d_v,), sw.dtype, xp)
-    r = backend.empty(shape + (1,), sw.dtype, xp)
-    den = backend.empty(shape + (1,), sw.dtype, xp)
-    width = {"q": sw.d_head, "k": sw.d_head, "v": sw.d_v}
-    grads = {t: backend.empty(shape + (width[t],), sw.dtype, xp) for t in need}
-    loss = xp.zeros((), dtype=xp.float64)
-    carry = {}
-    for c0, c1 in sw.groups():
-        _, den[:, c0:c1], out = sw.forward(c0, c1, carry, yc[:, c0:c1], need)
-        g[:, c0:c1], r[:, c0:c1] = out["g"], out["r"]
-        loss = loss + 0.5 * xp.sum(xp.astype(out["g"], xp.float64) ** 2)
-        for t in need:
-            grads[t][:, c0:c1] = out["d" + t]
-    sw.check(den)
+    lay = _layout(q, k, v, beta, choice, compute_dtype, chunk, group, key_mask, query_mask)
+    mode, target = ("y", y) if y is not None else ("grad_output", grad_output)
+    fwd = forward_sweep(lay, beta, choice, target=lay.padded(target), mode=mode, prefix=prefix,
+                        softmax_one=softmax_one, need=need)
+    check_normaliser_ratio(fwd.worst, choice)
+    queries = None
     if need & {"k", "v"}:
-        carry = {}
-        for c0, c1 in sw.groups(reverse=True):
-            out = sw.backward(c0, c1, carry, g[:, c0:c1], r[:, c0:c1], need)
-            for t, part in out.items():
-                grads[t[1]][:, c0:c1] += part
-    result = [sw.unpad(grads[t]) if t in need else None for t in ("q", "k", "v")]
-    return tuple(None if a is None else xp.astype(a, q.dtype, copy=False) for a in [loss] + result)
+        queries = backward_sweep(lay, fwd, beta, choice, suffix=suffix, need=need)
+    grads = {"q": fwd.dq, "k": fwd.dk, "v": fwd.dv}
+    loss = None if fwd.loss is None else lay.xp.astype(fwd.loss, q.dtype)
+    out = (loss,) + tuple(lay.unpad(grads[t], q.dtype) if t in need else None for t in "qkv")
+    return out + ((fwd.keys, queries),) if return_states else out
 
 
-def output(q, k, v, beta, choice: PolyChoice, compute_dtype, *, softmax_one=False):
+def output(q, k, v, beta, choice: PolyChoice, compute_dtype, *, softmax_one=False, key_mask=None,
+           query_mask=None):
     """Causal ``O~`` of shape ``(..., L, d_v)`` in ``q.dtype``; row ``i`` attends to keys ``j <= i``.
 
     Parameters and returns as :func:`gpulora.poly.chain.output`. Cost ``O(L k d_v + L C k)`` per leading
-    index; raises :class:`PolynomialFailure` when a normaliser falls below ``(i + 1) p_min / 2``.
+    index; raises :class:`PolynomialFailure` when a normaliser falls below ``n_i p_min / 2``.
     """
-    return chunked_output(q, k, v, beta, choice, compute_dtype, softmax_one=softmax_one)
+    return chunked_output(q, k, v, beta, choice, compute_dtype, softmax_one=softmax_one, key_mask=key_mask,
+                          query_mask=query_mask)
 
 
 def loss_and_grads(q, k, v, y, beta, choice: PolyChoice, compute_dtype, *, softmax_one=False,
-                   need=("q", "k", "v")):
+                   need=("q", "k", "v"), grad_output=None, key_mask=None, query_mask=None):
     """Causal loss and gradients with respect to ``Q``, ``K``, ``V`` by the chunked chain above.
 
-    Parameters
-    ----------
-    q, k : arrays of shape (..., L, d_head)
-    v, y : arrays of shape (..., L, d_v)
-        Same namespace and dtype; leading axes (batch, heads) are independent problems.
-    beta : float
-        Inverse temperature, folded into the query features.
-    choice : PolyChoice
-        The polynomial ``p ~ exp`` (:func:`gpulora.poly.coefficients.choose`).
-    compute_dtype : dtype
-        Dtype of the features, states and products; results come back in ``q.dtype``.
-    softmax_one : bool
-        Softmax_1: 1 joins every normaliser.
-    need : iterable of {"q", "k", "v"}
-        Gradients to compute; the states of the others are skipped.
-
-    Returns
-    -------
-    (loss, dq, dk, dv)
-        ``loss`` a 0-d array (summed over leading axes), each gradient shaped like its input or ``None``.
-        Cost ``O(L k d_v d_head + L C (k + d_v + d_head))`` time per leading index, memory linear in ``L``.
+    Parameters and returns as :func:`gpulora.poly.chain.loss_and_grads` (``y`` or ``grad_output``, masks;
+    the chunking replaces ``budget``). Cost ``O(L k d_v d_head + L C (k + d_v + d_head))`` time per leading
+    index, memory linear in ``L`` and free of ``L k`` (:func:`peak_bytes`).
 
     Raises
     ------
     PolynomialFailure
-        When a normaliser ``D_i`` is not finite or below ``(i + 1) p_min / 2``.
+        When a normaliser ``D_i`` is not finite or below ``n_i p_min / 2``, or the features' rounding is
+        past the estimate.
     """
-    return chunked_loss_and_grads(q, k, v, y, beta, choice, compute_dtype, softmax_one=softmax_one, need=need)
+    return chunked_loss_and_grads(q, k, v, y, beta, choice, compute_dtype, softmax_one=softmax_one, need=need,
+                                  grad_output=grad_output, key_mask=key_mask, query_mask=query_mask)

@@ -16,6 +16,7 @@ scales, same column order): on CuPy arrays it dispatches to the Numba kernel whe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,7 +25,8 @@ from .. import backend
 from .coefficients import FAMILIES, coefficients
 from .monomials import MonomialTable, monomial_table
 
-__all__ = ["feature_scales", "monomial_features", "monomial_features_reference", "poly_features"]
+__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs",
+           "poly_features"]
 
 
 def feature_scales(coef, d: int, side: str) -> np.ndarray:
@@ -36,45 +38,87 @@ def feature_scales(coef, d: int, side: str) -> np.ndarray:
     return np.sign(w) * scale if side == "query" else scale
 
 
-def monomial_features_reference(z, table: MonomialTable, scale):
-    """Scaled monomials of the rows of ``z``, built degree by degree (array-API code, NumPy or CuPy).
+RUNS_MIN_ROWS = 1024  # measured crossover (d_head 8..16, g 2..4): parent runs win from here on
+
+
+@functools.lru_cache(maxsize=64)
+def parent_runs(d: int, g: int) -> tuple:
+    """The columns of the monomial table for ``(d, g)`` as runs ``(parent, coord, start, stop)``: columns
+    ``start:stop`` are ``z^a(parent) * z[coord:coord + stop - start]`` (the children of one parent take
+    consecutive coordinates, by construction of :func:`gpulora.poly.monomials.monomial_table`).
+    ``C(d + g - 1, g - 1)`` runs, one per monomial of degree ``< g``; the first is ``(0, 0, 1, 1 + d)``,
+    the coordinates themselves. Cached."""
+    table = monomial_table(d, g)
+    runs, j = [], 1
+    while j < table.k:
+        p, c, stop = int(table.parent[j]), int(table.coord[j]), j
+        while stop < table.k and table.parent[stop] == p:
+            stop += 1
+        if not np.array_equal(table.coord[j:stop], np.arange(c, c + stop - j)):
+            raise AssertionError("monomial table: the children of a parent must take consecutive coordinates")
+        runs.append((p, c, j, stop))
+        j = stop
+    if runs and runs[0] != (0, 0, 1, 1 + d):
+        raise AssertionError("monomial table: columns 1..d must be the coordinates")
+    return tuple(runs)
+
+
+def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
+    """Scaled monomials of the rows of ``z`` (array-API code, NumPy or CuPy).
 
     Parameters
     ----------
     z : array of shape (..., L, d)
     table : MonomialTable for ``(d, g)``
-    scale : array of shape (k,), same namespace and dtype as ``z``
+    scale : array of shape (k,), same namespace and dtype as ``z``, or None
+        None: the plain monomials ``z^a`` (the chain applies the scales to its ``k x W`` states instead).
+    xp : namespace of ``z``, optional (probed when not given)
 
     Returns
     -------
     array of shape (..., L, k)
-        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)``. Built feature-major, ``(..., k, L)``, so that
-        every gather copies contiguous rows of length ``L``; the result is the transposed view (matmuls
-        take either layout without a copy).
+        ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)`` time and memory. Built feature-major,
+        ``(..., k, L)``, so that every operation streams contiguous rows of length ``L``; the result is the
+        transposed view (matmuls take either layout without a copy). From :data:`RUNS_MIN_ROWS` rows (over
+        all leading indices) on, parent by parent: the children of each parent are that parent's row times a
+        contiguous slice of the rows of ``z^T`` (:func:`parent_runs`; ``C(d + g - 1, g - 1)`` operations, no
+        gather, no temporary). Below, degree by degree (``g`` gathers of the parents and coordinates):
+        fewer, larger operations, which is what short blocks need.
     """
-    xp = backend.namespace(z)
-    zt = xp.asarray(z.mT, copy=True)  # [..., d, L], contiguous
-    out = backend.empty(z.shape[:-2] + (table.k, z.shape[-2]), z.dtype, xp)  # [..., k, L]
+    xp = backend.namespace(z) if xp is None else xp
+    lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
+    out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
     out[..., 0, :] = 1
-    starts = table.degree_start
-    for m in range(1, table.g + 1):
-        lo, hi = int(starts[m]), int(starts[m + 1])
-        parent = xp.asarray(table.parent[lo:hi].astype(np.int64))
-        coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
-        # rows of degree m from those of degree m - 1: one multiply each
-        out[..., lo:hi, :] = xp.take(out, parent, axis=-2) * xp.take(zt, coord, axis=-2)
-    out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
+    if table.g >= 1:
+        out[..., 1:1 + d, :] = z.mT  # degree 1: the coordinates, C-contiguous rows of z^T
+    zt = out[..., 1:1 + d, :]
+    if math.prod(lead) * L >= RUNS_MIN_ROWS:
+        for p, c, start, stop in parent_runs(table.d, table.g)[1:]:  # the first run is degree 1
+            out[..., start:stop, :] = zt[..., c:c + stop - start, :]
+            out[..., start:stop, :] *= out[..., p:p + 1, :]  # in place: no temporary to allocate
+    else:
+        starts = table.degree_start
+        for m in range(2, table.g + 1):
+            lo, hi = int(starts[m]), int(starts[m + 1])
+            parent = xp.asarray(table.parent[lo:hi].astype(np.int64))
+            coord = xp.asarray(table.coord[lo:hi].astype(np.int64))
+            # rows of degree m from those of degree m - 1: one multiply each
+            out[..., lo:hi, :] = xp.take(out, parent, axis=-2) * xp.take(zt, coord, axis=-2)
+    if scale is not None:
+        out *= scale[:, None]  # in place: a second array of L x k would double the peak memory
     return out.mT
 
 
-def monomial_features(z, table: MonomialTable, scale):
+def monomial_features(z, table: MonomialTable, scale, xp=None):
     """:func:`monomial_features_reference`, or the Numba CUDA kernel for CuPy arrays where available."""
     if backend.is_cupy(z):
         from .. import kernels
 
         if kernels.available():
+            if scale is None:
+                scale = backend.namespace(z).ones((table.k,), dtype=z.dtype)
             return kernels.feature_map(z, table, scale)
-    return monomial_features_reference(z, table, scale)
+    return monomial_features_reference(z, table, scale, xp)
 
 
 def poly_features(z, degree, *, family="taylor", bound=None, side="key"):

@@ -1,6 +1,6 @@
-"""The fused low-rank products of the chain: contractions with row-wise Kronecker products.
+"""The low-rank products of the chain with row-wise Kronecker products.
 
-Two operations carry the time of the polynomial gradient (SPEC section 4):
+Two operations carry the time of the polynomial gradient (docs/math.md section 4):
 
 ``kron_contract(psi, a, b)``  ->  ``T[..., f, c, e] = sum_j psi[..., j, f] a[..., j, c] b[..., j, e]``
     ``T = Psi^T (A (x) B)`` with ``(A (x) B)`` the row-wise Kronecker product, shape ``(..., k, p, q)``.
@@ -10,23 +10,59 @@ Two operations carry the time of the polynomial gradient (SPEC section 4):
     ``(U (x) A) . T``, shape ``(..., L, q)``. ``(U (x) G) . T_K`` and ``(Psi (x) V) . T_Q``.
     Cost ``2 L k p q + 2 L p q`` flops.
 
-The array-API versions below are the references of the Numba kernels in ``gpulora.kernels.kron`` and the
-CPU path. They never form an ``L x (k p)`` array: they walk blocks of at most :data:`BLOCK_ELEMENTS`
-``L``-rows-times-``p q`` elements, materialise the Kronecker rows of one block (``Lb x p q``) and hand the
-product to the BLAS (cuBLAS on CuPy). Extra memory ``O(k p q + BLOCK_ELEMENTS)``.
+Both are a GEMM with a block of Kronecker rows, :func:`kron_rows` (``Lb x p q``, materialised one block of
+``L`` at a time), followed for the readout by the per-row contraction :func:`kron_apply`. The chain
+(:mod:`gpulora.poly.chain`) uses these two pieces directly, with the Kronecker block stacked beside the
+other right-hand sides of one GEMM per block. :func:`kron_contract_reference` and
+:func:`kron_readout_reference` are the references of the Numba kernels in ``gpulora.kernels.kron``; they
+walk blocks of at most :data:`BLOCK_ELEMENTS` ``L``-rows-times-``p q`` elements and hand the product to the
+BLAS (cuBLAS on CuPy). Extra memory ``O(k p q + BLOCK_ELEMENTS)``.
 """
 
 from __future__ import annotations
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "kron_contract", "kron_contract_reference", "kron_readout", "kron_readout_reference"]
+__all__ = ["BLOCK_ELEMENTS", "kron_apply", "kron_contract", "kron_contract_reference", "kron_readout",
+           "kron_readout_reference", "kron_rows", "row_sums"]
 
 BLOCK_ELEMENTS = 1 << 21
 
 
 def _row_block(L: int, width: int) -> int:
     return max(1, min(L, BLOCK_ELEMENTS // max(width, 1)))
+
+
+def kron_rows(a, b, xp=None):
+    """Row-wise Kronecker product of ``a (..., L, p)`` and ``b (..., L, q)``: ``(..., L, p q)``, column
+    ``c q + e`` holding ``a[..., c] b[..., e]``. Cost ``O(L p q)`` time and memory.
+
+    Built as ``repeat(a) * tile(b)`` on whole ``(..., L, p q)`` arrays: NumPy's broadcast product
+    ``a[..., :, None] * b[..., None, :]`` runs its inner loop over ``q`` elements only and is 3x slower.
+    """
+    xp = backend.namespace(a, b) if xp is None else xp
+    out = xp.repeat(a, b.shape[-1], axis=-1)
+    out *= xp.tile(b, (1,) * (b.ndim - 1) + (a.shape[-1],))
+    return out
+
+
+def kron_apply(z, a, xp=None):
+    """``out[..., i, e] = sum_c a[..., i, c] z[..., i, c, e]`` for the grid ``z (..., L, p, q)`` (or its
+    flattening ``(..., L, p q)``, column ``c q + e``) and ``a (..., L, p)``: the per-row half of the
+    readout, ``(..., L, q)``, as a batch of ``(1, p) @ (p, q)`` matmuls (6x faster in NumPy than a
+    broadcast product summed over ``p``). Cost ``O(L p q)``. ``xp``: the namespace, when the caller knows it
+    (saves the probe in loops over blocks; likewise in :func:`kron_rows` and :func:`row_sums`)."""
+    xp = backend.namespace(z, a) if xp is None else xp
+    if z.ndim == a.ndim:
+        z = xp.reshape(z, z.shape[:-1] + (a.shape[-1], z.shape[-1] // a.shape[-1]))
+    return (a[..., None, :] @ z)[..., 0, :]
+
+
+def row_sums(a, xp=None):
+    """``sum(a, axis=-1)`` of ``a (..., L, n)`` as a matrix-vector product, shape ``(..., L, 1)``: NumPy's
+    reduction over a short last axis is 5-8x slower than the BLAS. Cost ``O(L n)``."""
+    xp = backend.namespace(a) if xp is None else xp
+    return a @ xp.ones((a.shape[-1], 1), dtype=a.dtype)
 
 
 def kron_contract_reference(psi, a, b):
@@ -40,9 +76,7 @@ def kron_contract_reference(psi, a, b):
     step = _row_block(L, p * q)
     for lo in range(0, L, step):
         hi = min(L, lo + step)
-        # [..., Lb, p * q]: the Kronecker rows of this block only
-        ab = xp.reshape(a[..., lo:hi, :, None] * b[..., lo:hi, None, :], lead + (hi - lo, p * q))
-        t += psi[..., lo:hi, :].mT @ ab
+        t += psi[..., lo:hi, :].mT @ kron_rows(a[..., lo:hi, :], b[..., lo:hi, :])
     return xp.reshape(t, lead + (k, p, q))
 
 
@@ -58,9 +92,7 @@ def kron_readout_reference(u, a, t):
     step = _row_block(L, p * q)
     for lo in range(0, L, step):
         hi = min(L, lo + step)
-        # [..., Lb, p, q]
-        z = xp.reshape(u[..., lo:hi, :] @ t2, lead + (hi - lo, p, q))
-        out[..., lo:hi, :] = xp.sum(a[..., lo:hi, :, None] * z, axis=-2)
+        out[..., lo:hi, :] = kron_apply(u[..., lo:hi, :] @ t2, a[..., lo:hi, :])
     return out
 
 

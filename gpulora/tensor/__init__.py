@@ -13,6 +13,7 @@ adapters over ``"q", "k1", "k2", "v1", "v2"``; ``GradResult`` as for matrix head
 
 from .diagnose import TensorDiagnosis as TensorDiagnosis
 from .diagnose import diagnose as diagnose
+from .grad import TensorAttentionGrad as TensorAttentionGrad
 from .grad import attention_vjp as attention_vjp
 from .grad import forward as forward
 from .grad import lora_grad as lora_grad
@@ -20,4 +21,4 @@ from .grad import loss as loss
 from .model import TARGETS as TARGETS
 from .model import TensorHead as TensorHead
 
-__all__ = ["TARGETS", "TensorDiagnosis", "TensorHead", "attention_vjp", "diagnose", "forward", "lora_grad", "loss"]
+__all__ = ["TARGETS", "TensorAttentionGrad", "TensorDiagnosis", "TensorHead", "attention_vjp", "diagnose", "forward", "lora_grad", "loss"]

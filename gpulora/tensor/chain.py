@@ -35,10 +35,10 @@ norm, ``O(L d)``; it is never larger than ``beta max|q| max|k1| max|k2|`` and us
 random directions in ``d`` dimensions ``|k|_inf ~ |k|_2 sqrt(2 log d / d)``). The degree and precision are
 chosen from it exactly as for matrix attention (:func:`gpulora.poly.coefficients.choose`).
 
-**Run-time checks** (as in :mod:`gpulora.poly.chain`): ``phi . (psi1 * psi2)`` is compared with ``p(s)`` at
-the most negative scores of the extreme rows (the worst cancellation), once with the key-1 row of largest
-norm paired with every key-2 row and once the other way round, and every normaliser must satisfy
-``D_i >= L^2 p_min / 2``. Either failing raises :class:`gpulora.PolynomialFailure`. Three host reads.
+**Run-time checks** (as in :mod:`gpulora.poly.chain`): ``phi . (psi1 * psi2)`` is compared with ``p(s)``
+at the most negative scores of the extreme rows (the worst cancellation, :func:`check_extreme_triples`),
+and every normaliser must satisfy ``D_i >= L^2 p_min / 2``. Either failing raises
+:class:`gpulora.PolynomialFailure`. Two host reads.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ import math
 import numpy as np
 
 from .. import backend
-from ..poly.chain import check_extreme_pairs, check_normaliser
-from ..poly.coefficients import PolyChoice
+from ..poly.chain import PolynomialFailure, check_normaliser
+from ..poly.coefficients import PolyChoice, evaluate
 from ..poly.features import feature_scales, monomial_features
 from ..poly.monomials import monomial_table
 from ..poly.products import kron_contract, kron_readout
 
-__all__ = ["features", "loss_and_grads", "output", "score_bound", "split_scales"]
+__all__ = ["check_extreme_triples", "features", "loss_and_grads", "output", "score_bound", "split_scales"]
 
 
 def score_bound(q, k1, k2, beta) -> float:
@@ -80,11 +80,46 @@ def split_scales(coef, d: int):
     return np.sign(feature_scales(coef, d, "query")) * key, key
 
 
-def _row(xp, a, idx):
-    """Row ``idx[n]`` of each leading index ``n`` of ``a (..., L, c)``, shape ``(..., 1, c)``."""
-    flat = xp.reshape(a, (-1,) + a.shape[-2:])
-    rows = flat[xp.arange(flat.shape[0]), xp.reshape(idx, (-1,))]
-    return xp.reshape(rows, a.shape[:-2] + (1, a.shape[-1]))
+def check_extreme_triples(qs, k1, k2, phi, psi1, psi2, choice: PolyChoice, factor: float = 10.0) -> None:
+    """Measure the rounding of ``phi_i . (psi1_j1 * psi2_j2)`` where it is worst, and raise if it is far past
+    the estimate (the tensor form of :func:`gpulora.poly.chain.check_extreme_pairs`).
+
+    Per leading index: the rows of largest norm ``i*``, ``a*``, ``b*`` of ``qs = beta q``, ``k1``, ``k2``
+    (they define ``M``) and, holding two of them, the row of the third with the most negative score. The four
+    triples' feature products, taken from the features actually computed, are compared with ``p(s)``
+    evaluated in float64 on the host; a relative deviation above ``factor`` times the error budget
+    (``choice.budget``, at least the approximation error) raises :class:`gpulora.PolynomialFailure`.
+    Cost ``O(L d + n k)``, one host read of ``4 n`` triples (``n`` leading indices).
+    """
+    xp = backend.namespace(qs, k1, k2, phi, psi1, psi2)
+    flat = [xp.reshape(a, (-1,) + a.shape[-2:]) for a in (qs, k1, k2, phi, psi1, psi2)]
+    q2, a2, b2, f0, f1, f2 = flat
+    n = xp.arange(q2.shape[0])
+
+    def biggest(z):
+        return xp.argmax(xp.sum(z * z, axis=-1), axis=-1)
+
+    def most_negative(z, w):  # argmin_j of z_j . w, w one row per leading index
+        return xp.argmin(xp.sum(z * w[:, None, :], axis=-1), axis=-1)
+
+    i, a, b = biggest(q2), biggest(a2), biggest(b2)
+    b_opp = most_negative(b2, q2[n, i] * a2[n, a])
+    a_opp = most_negative(a2, q2[n, i] * b2[n, b])
+    i_opp = most_negative(q2, a2[n, a] * b2[n, b])
+    rows, cols1, cols2 = xp.concat([i, i, i, i_opp]), xp.concat([a, a, a_opp, a]), xp.concat([b, b_opp, b, b])
+    nn = xp.concat([n, n, n, n])
+    got = xp.sum(f0[nn, rows] * f1[nn, cols1] * f2[nn, cols2], axis=-1)
+    s = xp.sum(q2[nn, rows] * a2[nn, cols1] * b2[nn, cols2], axis=-1)
+    got, s = backend.to_numpy(got).astype(np.float64), backend.to_numpy(s).astype(np.float64)
+    want = evaluate(choice.coef, s)
+    dev = float(np.max(np.abs(got - want) / np.abs(want))) if want.size else 0.0
+    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(np.finfo(np.dtype(str(phi.dtype))).eps))
+    if not dev <= allowed:
+        raise PolynomialFailure(
+            f"the degree-{choice.degree} {choice.family} polynomial lost its accuracy to rounding in "
+            f"{phi.dtype} on this input: phi(q) . (psi(k1) * psi(k2)) deviates from p(s) by {dev:.3g} "
+            f"(relative) at the most negative scores (allowed {allowed:.3g}, bound M = {choice.bound:.3g}). "
+            f"Use a smaller bound (normalised inputs), float64, or method='exact'")
 
 
 def features(q, k1, k2, beta, choice: PolyChoice):
@@ -101,9 +136,7 @@ def features(q, k1, k2, beta, choice: PolyChoice):
     phi = monomial_features(qs, table, sq)  # [..., L, k]
     psi1 = monomial_features(k1, table, sk)
     psi2 = monomial_features(k2, table, sk)
-    for ka, kb, pa, pb in ((k1, k2, psi1, psi2), (k2, k1, psi2, psi1)):
-        j = xp.argmax(xp.sum(ka * ka, axis=-1), axis=-1)  # key-a row of largest norm, per leading index
-        check_extreme_pairs(qs, _row(xp, ka, j) * kb, phi, _row(xp, pa, j) * pb, choice)
+    check_extreme_triples(qs, k1, k2, phi, psi1, psi2, choice)
     den = phi @ (xp.sum(psi1, axis=-2) * xp.sum(psi2, axis=-2))[..., None]  # [..., L, 1]
     check_normaliser(den, L * L * choice.min_value, choice)
     phi /= den  # U in place of Phi
@@ -123,11 +156,12 @@ def output(q, k1, k2, v1, v2, beta, choice: PolyChoice, compute_dtype):
 
 
 def loss_and_grads(q, k1, k2, v1, v2, beta, choice: PolyChoice, compute_dtype, *, y=None, grad_output=None,
-                   need=("q", "k1", "k2", "v1", "v2")):
+                   need=("q", "k1", "k2", "v1", "v2"), with_output=False):
     """Loss and the gradients with respect to ``Q, K1, K2, V1, V2`` by the chain above.
 
     Arguments and returns as :func:`gpulora.tensor.exact.loss_and_grads`, plus the polynomial ``choice``
-    and the ``compute_dtype`` of the features and products (results come back in ``q.dtype``).
+    and the ``compute_dtype`` of the features and products (results come back in ``q.dtype``); with
+    ``with_output`` the output ``O~`` follows as a seventh element.
     """
     target = y if grad_output is None else grad_output
     xp = backend.namespace(q, k1, k2, v1, v2, target)
@@ -163,4 +197,5 @@ def loss_and_grads(q, k1, k2, v1, v2, beta, choice: PolyChoice, compute_dtype, *
             out["k1"] = beta * (kron_readout(psi1, v1c, t_q * t2) - psi1 @ (rq * m2))
         if "k2" in need:
             out["k2"] = beta * (kron_readout(psi2, v2c, t_q * t1) - psi2 @ (rq * m1))
-    return tuple(_cast(xp, q.dtype, loss, *(out[t] for t in ("q", "k1", "k2", "v1", "v2"))))
+    extra = (o,) if with_output else ()
+    return tuple(_cast(xp, q.dtype, loss, *(out[t] for t in ("q", "k1", "k2", "v1", "v2")), *extra))

@@ -113,7 +113,7 @@ def attention_output(q, k1, k2, v1, v2, beta, *, block_q=None, block_k1=None, bl
 
 
 def loss_and_grads(q, k1, k2, v1, v2, beta, *, y=None, grad_output=None, need=("q", "k1", "k2", "v1", "v2"),
-                   block_q=None, block_k1=None, block_k2=None):
+                   block_q=None, block_k1=None, block_k2=None, with_output=False):
     """Exact loss and the gradients with respect to ``Q, K1, K2, V1, V2`` that ``need`` asks for.
 
     Parameters
@@ -129,10 +129,12 @@ def loss_and_grads(q, k1, k2, v1, v2, beta, *, y=None, grad_output=None, need=("
         Gradients to compute; empty gives the loss alone.
     block_q, block_k1, block_k2 : int, optional
         Force block sizes (tests); by default :func:`block_sizes`.
+    with_output : bool
+        Also return the output ``O`` (computed on the way), as a seventh element.
 
     Returns
     -------
-    (loss, dq, dk1, dk2, dv1, dv2)
+    (loss, dq, dk1, dk2, dv1, dv2[, o])
         ``loss`` a 0-d array of ``q.dtype`` (summed over leading axes); each gradient shaped like its
         input, or ``None`` when not needed.
     """
@@ -146,11 +148,14 @@ def loss_and_grads(q, k1, k2, v1, v2, beta, *, y=None, grad_output=None, need=("
     grads = {t: xp.zeros(a.shape, dtype=a.dtype) for t, a in (("k1", k1), ("k2", k2), ("v1", v1), ("v2", v2))
              if t in need}
     loss = xp.zeros((), dtype=xp.float64)
+    out = backend.empty(q.shape[:-1] + (v1.shape[-1],), q.dtype, xp) if with_output else None
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
         qb = q[..., i0:i1, :]
         n = i1 - i0
         o, lse, f_single = _forward_rows(xp, qb, k1, k2, v1, v2, beta, b1, b2)
+        if out is not None:
+            out[..., i0:i1, :] = o
         if grad_output is None:
             g = o - y[..., i0:i1, :]
             loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
@@ -189,4 +194,5 @@ def loss_and_grads(q, k1, k2, v1, v2, beta, *, y=None, grad_output=None, need=("
                 grads["k2"][..., s2, :] += beta * (p.mT @ qk1)
         if dq is not None:
             dq[..., i0:i1, :] = beta * dqb
-    return (xp.astype(loss, q.dtype), dq) + tuple(grads.get(t) for t in ("k1", "k2", "v1", "v2"))
+    result = (xp.astype(loss, q.dtype), dq) + tuple(grads.get(t) for t in ("k1", "k2", "v1", "v2"))
+    return result + (out,) if with_output else result

@@ -1,6 +1,6 @@
 """The public entry points of tensor attention: validate, plan (exact or poly), run, pack.
 
-Mirrors :mod:`gpulora.grad` and its error contract: the same ``method`` semantics, the same polynomial
+Mirrors :mod:`gpulora.grad` (and :mod:`gpulora.dispatch`) and its error contract: the same ``method`` semantics, the same polynomial
 choice (:func:`gpulora.poly.coefficients.choose` on the bound of :func:`gpulora.tensor.chain.score_bound`)
 and feature budget (:mod:`gpulora.poly.budget`), ``error_bound`` and ``error_estimate`` on every result
 (:func:`error_estimate`), :class:`gpulora.AccuracyWarning` under ``method="poly"`` where ``method="auto"``
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from .. import backend
-from ..adapters import _split_heads, adapter_grads, output_layout
-from ..grad import GRAD_TOL_FACTOR, Plan, _leaves
+from ..adapters import _merge_heads, _split_heads, adapter_grads
+from ..dispatch import GRAD_TOL_FACTOR, Plan, _leaves
 from ..model import AccuracyWarning, GradResult, LoRA, check_parameters
 from ..poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from ..poly.chain import PolynomialFailure
@@ -29,7 +29,7 @@ from ..validation import all_finite, check_beta, check_degree, check_method, che
 from . import chain, cost, exact
 from .model import TARGETS, TensorHead
 
-__all__ = ["attention_vjp", "error_estimate", "forward", "lora_grad", "loss", "plan", "prepare"]
+__all__ = ["TensorAttentionGrad", "attention_vjp", "error_estimate", "forward", "lora_grad", "loss", "plan", "prepare"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,39 @@ class TensorProblem:
     @property
     def projections(self):
         return self.q, self.k1, self.k2, self.v1, self.v2
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorAttentionGrad:
+    """What :func:`attention_vjp` returns, as :class:`gpulora.AttentionGrad` does for matrix attention.
+
+    Attributes
+    ----------
+    dq, dk1, dk2 : arrays of shape (..., L, d_head)
+    dv1, dv2 : arrays of shape (..., L, d_v)
+        The gradients of ``sum(O * dO)`` with respect to ``q, k1, k2, v1, v2``.
+    out : array of shape (..., L, d_v)
+        The attention output ``O``, computed on the way.
+    method, degree, features, bound, family, compute_dtype, note, error_bound, error_estimate
+        As in :class:`gpulora.GradResult` (the upstream gradient is exact, so ``error_estimate`` is
+        ``eps + 2 eps / (1 - eps)`` for poly; 0 for exact).
+    """
+
+    dq: Any
+    dk1: Any
+    dk2: Any
+    dv1: Any
+    dv2: Any
+    out: Any
+    method: str
+    degree: int | None = None
+    features: int | None = None
+    bound: float = 0.0
+    family: str | None = None
+    compute_dtype: str | None = None
+    note: str = ""
+    error_bound: float = 0.0
+    error_estimate: float = 0.0
 
 
 def _check_options(method, degree, tol):
@@ -175,7 +208,7 @@ def plan(projections, beta, method, *, degree=None, tol=None, targets=TARGETS) -
 
 def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False) -> float:
     """A-posteriori estimate of the relative error of a poly call's gradients (and loss), as
-    :func:`gpulora.grad.error_estimate` for matrix attention: ``eps + E / (R - E)``.
+    :func:`gpulora.dispatch.error_estimate` for matrix attention: ``eps + E / (R - E)``.
 
     ``eps = p.error_bound``; every weight of ``F~`` is within a relative ``delta = 2 eps / (1 - eps)`` of
     ``F`` and the weight errors of a row sum to zero, so ``|o~_i - o_i| <= delta max_{j1, j2}
@@ -207,8 +240,9 @@ def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False
     return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
 
 
-def _run(projections, p: Plan, *, beta, y, upstream, need):
+def _run(projections, p: Plan, *, beta, y, upstream, need, with_output=False):
     kw = dict(grad_output=y, need=need) if upstream else dict(y=y, need=need)
+    kw["with_output"] = with_output
     if p.method == "exact":
         return exact.loss_and_grads(*projections, beta, **kw)
     return chain.loss_and_grads(*projections, beta, p.choice, p.compute_dtype, **kw)
@@ -317,21 +351,9 @@ def lora_grad(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, meth
     kw = dict(beta=prob.beta, y=prob.y, upstream=prob.upstream, need=need)
     p, out = _with_fallback(_run, prob.projections, p, method, **kw)
     p, (loss_, *d), est = _checked_poly(prob.projections, p, method, out, _run, **kw)
-    grads = adapter_grads(lora, prob, dict(zip(TARGETS, d)))
-    poly = p.method == "poly"
-    return GradResult(
-        loss=prob.xp.asarray(loss_, dtype=prob.x.dtype),
-        grads=grads,
-        method=p.method,
-        degree=p.choice.degree if poly else None,
-        features=p.choice.features(prob.q.shape[-1]) if poly else None,
-        bound=p.bound,
-        family=p.choice.family if poly else None,
-        compute_dtype=str(p.compute_dtype) if poly else None,
-        note=p.note,
-        error_bound=p.error_bound,
-        error_estimate=est,
-    )
+    grads = adapter_grads(lora, prob, {t: _merge_heads(prob.xp, g) for t, g in zip(TARGETS, d) if g is not None})
+    return GradResult(loss=prob.xp.asarray(loss_, dtype=prob.x.dtype), grads=grads, error_estimate=est,
+                      **p.fields(prob.q.shape[-1]))
 
 
 def forward(head: TensorHead, lora: LoRA, x, *, method="exact", degree=None, tol=None):
@@ -343,7 +365,8 @@ def forward(head: TensorHead, lora: LoRA, x, *, method="exact", degree=None, tol
     prob = prepare(head, lora, x)
     p = plan(prob.projections, prob.beta, method, degree=degree, tol=tol, targets=())
     _, o = _with_fallback(_output, prob.projections, p, method, beta=prob.beta)
-    return output_layout(prob, o)
+    merged = _merge_heads(prob.xp, o)  # (batch, L, H d_v)
+    return merged if prob.batched else merged[0]
 
 
 def loss(head: TensorHead, lora: LoRA, x, y, *, method="exact", degree=None, tol=None):
@@ -357,9 +380,10 @@ def loss(head: TensorHead, lora: LoRA, x, y, *, method="exact", degree=None, tol
     return prob.xp.asarray(loss_, dtype=prob.x.dtype)
 
 
-def attention_vjp(q, k1, k2, v1, v2, grad_output, *, beta=None, method="exact", degree=None, tol=None):
+def attention_vjp(q, k1, k2, v1, v2, grad_output, *, beta=None, method="auto", degree=None,
+                  tol=None) -> TensorAttentionGrad:
     """The backward of tensor attention for an upstream gradient: ``(q, k1, k2, v1, v2, dO) -> (dq, dk1, dk2,
-    dv1, dv2)``.
+    dv1, dv2)`` at the level of the projections (as :func:`gpulora.attention_vjp` for matrix attention).
 
     Parameters
     ----------
@@ -369,13 +393,13 @@ def attention_vjp(q, k1, k2, v1, v2, grad_output, *, beta=None, method="exact", 
     beta : float, optional
         Inverse temperature; ``None`` means ``1 / d_head``.
     method, degree, tol
-        As in :func:`lora_grad` (use that to learn which method ``"auto"`` ran).
+        As in :func:`lora_grad`.
 
     Returns
     -------
-    tuple of 5 arrays
-        The gradients of ``sum(O * dO)`` with respect to ``q, k1, k2, v1, v2``, shaped like them.
-        Cost as :func:`lora_grad`.
+    TensorAttentionGrad
+        ``dq, dk1, dk2, dv1, dv2`` (the gradients of ``sum(O * dO)``), ``out`` and what ran. Cost as
+        :func:`lora_grad`.
     """
     _check_options(method, degree, tol)
     names = ("q", "k1", "k2", "v1", "v2", "grad_output")
@@ -396,8 +420,9 @@ def attention_vjp(q, k1, k2, v1, v2, grad_output, *, beta=None, method="exact", 
         raise ValueError(f"v1 must have shape {tuple(lead) + (L, 'd_v')} (q's leading shape and L), got "
                          f"{tuple(v1.shape)}")
     beta = 1.0 / q.shape[-1] if beta is None else check_beta(beta)
-    p = plan(arrays[:5], beta, method, degree=degree, tol=tol)
-    kw = dict(beta=beta, y=grad_output, upstream=True, need=TARGETS)
-    p, out = _with_fallback(_run, arrays[:5], p, method, **kw)
-    _, (_, *d), _ = _checked_poly(arrays[:5], p, method, out, _run, **kw)
-    return tuple(d)
+    projections = arrays[:5]
+    p = plan(projections, beta, method, degree=degree, tol=tol)
+    kw = dict(beta=beta, y=grad_output, upstream=True, need=TARGETS, with_output=True)
+    p, out = _with_fallback(_run, projections, p, method, **kw)
+    p, (_, *d, o), est = _checked_poly(projections, p, method, out, _run, **kw)
+    return TensorAttentionGrad(*d, out=o, error_estimate=est, **p.fields(q.shape[-1]))

@@ -9,9 +9,9 @@ import pytest
 import gpulora
 from gpulora.adapters import prepare
 from gpulora.exact.reference import dense_loss_grads, dense_weights
-from gpulora.poly import causal
+from gpulora.poly import causal, chain
 from gpulora.poly.coefficients import measure
-from gpulora.testing import make_problem, rel_error
+from gpulora.testing import make_problem, masked_polynomial_weights, rel_error
 
 NEEDS = [set(c) for n in range(4) for c in itertools.combinations("qkv", n)]  # every subset, empty included
 
@@ -175,6 +175,7 @@ def _peak_bytes(L, degree):
     finally:
         tracemalloc.stop()
     assert all(np.isfinite(a).all() for a in out)
+    assert peak <= causal.peak_bytes(1, L, choice.features(4), 4, 4, 8)  # the estimate the budget plans with
     return peak
 
 
@@ -185,3 +186,86 @@ def test_memory_stays_linear_in_L():
     print(f"causal poly peak: L=16384 {small / 2**20:.1f} MiB, L=65536 {big / 2**20:.1f} MiB")
     assert big < 65536**2 * 8 / 200
     assert big < 4.5 * small
+
+
+def _raw_inputs(seed, L, d_head=3, d_v=2, lead=(2, 2), bound=1.5):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal(lead + (L, d_head)) for _ in range(2))
+    v, y, g = (rng.standard_normal(lead + (L, d_v)) for _ in range(3))
+    beta = 0.6
+    c = np.sqrt(bound / beta / (np.linalg.norm(q, axis=-1).max() * np.linalg.norm(k, axis=-1).max()))
+    km = rng.random(lead[:1] + (1, L)) < 0.7
+    qm = rng.random(lead[:1] + (1, L)) < 0.8
+    return q * c, k * c, v, y, g, beta, km, qm
+
+
+@pytest.mark.parametrize("mode", ["y", "grad_output"])
+@pytest.mark.parametrize("chunk, group", [(16, 1), (16, None), (5, 2), (None, None)])
+def test_masked_causal_chain_equals_dense_formula(mode, chunk, group):
+    """Key and query masks, targets or an upstream gradient (VJP): the dense causal F~ with masked keys
+    and zero padded rows, to float64 rounding, for every subset of targets (L = 37: unequal last chunk)."""
+    q, k, v, y, dO, beta, km, qm = _raw_inputs(31, 37)
+    km[0, 0, :3] = False  # the first rows of batch 0 have no real key: zero output there
+    choice = measure("chebyshev", 3, 1.5)
+    f = masked_polynomial_weights(beta * q @ k.mT, choice.coef, key_mask=km, query_mask=qm, causal=True,
+                                  softmax_one=chunk == 5)
+    o = f @ v
+    target = y * qm[..., None] if mode == "y" else o - dO * qm[..., None]
+    want = dense_loss_grads(f, q, k, v, target, beta)
+    for need in NEEDS:
+        got = causal.chunked_loss_and_grads(q, k, v, y if mode == "y" else None, beta, choice, np.float64,
+                                            need=need, chunk=chunk, group=group, key_mask=km, query_mask=qm,
+                                            grad_output=None if mode == "y" else dO, softmax_one=chunk == 5)
+        if mode == "y":
+            assert rel_error(got[0], want[0]) < 1e-12
+        else:
+            assert got[0] is None
+        for name, a, b in zip("qkv", got[1:], want[1:]):
+            if name in need:
+                assert np.linalg.norm(a - b) <= 1e-12 * np.linalg.norm(b) + 1e-14, (name, need)
+            else:
+                assert a is None
+    got_o = causal.chunked_output(q, k, v, beta, choice, np.float64, chunk=chunk, group=group, key_mask=km,
+                                  query_mask=qm, softmax_one=chunk == 5)
+    assert rel_error(got_o, o) < 1e-12
+
+
+def test_carried_states_let_token_shards_compose():
+    """Shards of tokens: prefix key states from chain.key_pass of the earlier shards; the suffix either
+    carried into the backward sweep (shards walked last to first) or added afterwards by the non-causal
+    chain.key_grad_pass. Both give the single call's results, and the states handed on are the sums."""
+    q, k, v, y, _, beta, km, qm = _raw_inputs(32, 50)
+    choice = measure("taylor", 4, 1.5)
+    want = causal.chunked_loss_and_grads(q, k, v, y, beta, choice, np.float64, key_mask=km, query_mask=qm)
+    cuts = [(0, 13), (13, 31), (31, 50)]
+
+    def piece(a, i, j):
+        return a[..., i:j, :] if a.ndim == 4 else a[..., i:j]
+
+    key_totals = [chain.key_pass(piece(k, i, j), piece(v, i, j), choice, key_mask=piece(km, i, j)) for i, j in cuts]
+    prefixes = [None, key_totals[0], key_totals[0] + key_totals[1]]
+    args = [tuple(piece(a, i, j) for a in (q, k, v, y)) for i, j in cuts]
+    masks = [{"key_mask": piece(km, i, j), "query_mask": piece(qm, i, j)} for i, j in cuts]
+    # walked last to first, the suffix carried
+    suffix, results = None, [None] * 3
+    for s in reversed(range(3)):
+        *res, (keys, queries) = causal.chunked_loss_and_grads(*args[s], beta, choice, np.float64, chunk=8,
+                                                              prefix=prefixes[s], suffix=suffix,
+                                                              return_states=True, **masks[s])
+        results[s], suffix = res, queries
+        assert np.allclose((prefixes[s] + key_totals[s]).data if prefixes[s] else key_totals[s].data, keys.data,
+                           rtol=1e-13, atol=1e-13)
+    assert rel_error(sum(r[0] for r in results), want[0]) < 1e-13 and rel_error(suffix.loss, want[0]) < 1e-13
+    for t in (1, 2, 3):
+        assert rel_error(np.concatenate([r[t] for r in results], axis=-2), want[t]) < 1e-12
+    # each shard alone, the suffix added by the non-causal pass 3
+    own = [causal.chunked_loss_and_grads(*args[s], beta, choice, np.float64, prefix=prefixes[s],
+                                         return_states=True, **masks[s]) for s in range(3)]
+    for s in range(3):
+        dk, dv = own[s][2], own[s][3]
+        if s < 2:
+            later = own[s + 1][4][1] if s == 1 else own[1][4][1] + own[2][4][1]
+            extra = chain.key_grad_pass(args[s][1], args[s][2], later, beta, choice, key_mask=masks[s]["key_mask"])
+            dk, dv = dk + extra["dk"], dv + extra["dv"]
+        i, j = cuts[s]
+        assert rel_error(dk, want[2][..., i:j, :]) < 1e-12 and rel_error(dv, want[3][..., i:j, :]) < 1e-12

@@ -54,3 +54,35 @@ def test_chebyshev_query_side_carries_the_signs():
     assert np.any(c < 0)
     sq, sk = feature_scales(c, 3, "query"), feature_scales(c, 3, "key")
     assert np.all(sk >= 0) and np.any(sq < 0) and np.allclose(np.abs(sq), sk)
+
+
+@pytest.mark.parametrize("d, g", [(1, 3), (3, 2), (4, 4), (16, 2)])
+def test_parent_runs_and_degree_gathers_build_the_same_columns(d, g, monkeypatch):
+    """The two construction orders of the reference (parent runs from RUNS_MIN_ROWS rows on, degree-wise
+    gathers below) give bit-identical monomials, scaled or plain, and the runs cover every column once."""
+    from gpulora.poly import features
+
+    table = monomial_table(d, g)
+    runs = features.parent_runs(d, g)
+    covered = np.concatenate([np.arange(a, b) for _, _, a, b in runs])
+    assert np.array_equal(np.sort(covered), np.arange(1, table.k))
+    z = np.random.default_rng(d + g).standard_normal((2, 40, d))
+    s = feature_scales(coefficients("chebyshev", g, 1.0), d, "query")
+    for scale in (s, None):
+        monkeypatch.setattr(features, "RUNS_MIN_ROWS", 1)
+        runs_result = monomial_features_reference(z, table, scale)
+        monkeypatch.setattr(features, "RUNS_MIN_ROWS", 10**9)
+        gathered = monomial_features_reference(z, table, scale)
+        assert np.array_equal(runs_result, gathered)
+    # the plain monomials are the products written out
+    a = np.stack([np.bincount(_exponents(table, j), minlength=d) for j in range(table.k)])  # [k, d]
+    assert np.allclose(gathered, np.prod(z[..., None, :] ** a, axis=-1), rtol=1e-13)
+
+
+def _exponents(table, j):
+    """Coordinates multiplied along the parent chain of column ``j``."""
+    out = []
+    while j > 0:
+        out.append(int(table.coord[j]))
+        j = int(table.parent[j])
+    return np.asarray(out, dtype=np.int64)
