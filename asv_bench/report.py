@@ -4,13 +4,17 @@ Usage (from the repository root)::
 
     python asv_bench/report.py [RESULTS_JSON] [--out FILE]
 
-``RESULTS_JSON`` defaults to the newest results file under ``asv_bench/results/``. Reads the
-``bench_grad`` (ExactGrad, PolyGrad, PolyError), ``bench_torch`` (TorchGrad) results at ``backend=numpy``,
-``targets=qkv``, ``dtype=float64`` and prints: time over L for exact, PyTorch and poly with the poly error
-beside it; time ratios when L quadruples; least-squares scaling exponents (log time on log L); the
+``RESULTS_JSON`` defaults to the newest results file under ``asv_bench/.asv/results/`` (where asv writes);
+the files BENCHMARKS.md quotes are kept under ``asv_bench/published/``. Reads the scaling study
+(``bench_scaling``: ExactScaling, PolyScaling, PolyErrorScaling, CausalPolyScaling, TorchScaling; files
+from before it existed carry the same data under ``bench_grad``/``bench_torch`` class names, which are
+read as a fallback) at ``backend=numpy``, ``targets=qkv``, ``dtype=float64`` and prints: time over L for
+exact, PyTorch and poly with the poly error beside it; the score bound ``M`` and the exact ``max |S|`` of
+the inputs; time ratios when L quadruples; least-squares scaling exponents (log time on log L); the
 crossover ``L*`` where poly becomes faster than exact; peak memory; effective flop rates (flops from
 :mod:`gpulora.cost` over the measured median time); and the acceptance checks of issue 5. Nothing here is
-measured or hard-coded: every figure comes from the results file.
+measured or hard-coded: every figure comes from the results file, except ``M`` for files that predate
+``track_score_bound``, where it is the suite's construction value (``SCORE_BOUND = 1``), marked "(set)".
 """
 
 from __future__ import annotations
@@ -53,12 +57,15 @@ def load(path):
     return data, out
 
 
+_GRAD = ["backend", "L", "d_head", "targets", "dtype"]
+_POLY = ["backend", "L", "d_head", "degree", "targets", "dtype"]
+_CAUSAL = ["backend", "L", "d_head", "degree", "dtype"]
+_REAL = ["backend", "L", "dtype"]
 _NAMES = {
-    "ExactGrad": ["backend", "L", "d_head", "targets", "dtype"],
-    "TorchGrad": ["backend", "L", "d_head", "targets", "dtype"],
-    "PolyGrad": ["backend", "L", "d_head", "degree", "targets", "dtype"],
-    "PolyError": ["backend", "L", "d_head", "degree", "targets", "dtype"],
-    "CausalPolyGrad": ["backend", "L", "d_head", "degree", "dtype"],
+    "RealHeadLike": _REAL,
+    "ExactGrad": _GRAD, "ExactScaling": _GRAD, "TorchGrad": _GRAD, "TorchScaling": _GRAD,
+    "PolyGrad": _POLY, "PolyScaling": _POLY, "PolyError": _POLY, "PolyErrorScaling": _POLY,
+    "CausalPolyGrad": _CAUSAL, "CausalPolyScaling": _CAUSAL,
 }
 
 
@@ -109,16 +116,69 @@ def fmt(x, spec=".3g", none="–"):
     return none if x is None else format(x, spec)
 
 
-T_EXACT, T_POLY, T_TORCH = ("bench_grad.ExactGrad.time_lora_grad", "bench_grad.PolyGrad.time_lora_grad",
-                            "bench_torch.TorchGrad.time_lora_grad")
-ERR = "bench_grad.PolyError.track_rel_error_poly_vs_exact"
-T_CAUSAL = "bench_grad.CausalPolyGrad.time_lora_grad"
-ERR_CAUSAL = "bench_grad.CausalPolyGrad.track_rel_error_poly_vs_exact"
-MEM_POLY, MEM_EXACT = "bench_grad.PolyGrad.peakmem_lora_grad", "bench_grad.ExactGrad.peakmem_lora_grad"
-ALLOC_POLY = "bench_grad.PolyGrad.track_alloc_lora_grad"
+# Roles of the report -> "Class.method"; the scaling class first, its pre-bench_scaling name as fallback.
+_CLASSES = {"Exact": ("bench_scaling.ExactScaling", "bench_grad.ExactGrad"),
+            "Poly": ("bench_scaling.PolyScaling", "bench_grad.PolyGrad"),
+            "Error": ("bench_scaling.PolyErrorScaling", "bench_grad.PolyError"),
+            "Causal": ("bench_scaling.CausalPolyScaling", "bench_grad.CausalPolyGrad"),
+            "Torch": ("bench_scaling.TorchScaling", "bench_torch.TorchGrad")}
+T_EXACT, T_POLY, T_TORCH = "Exact.time_lora_grad", "Poly.time_lora_grad", "Torch.time_lora_grad"
+ERR = "Error.track_rel_error_poly_vs_exact"
+T_CAUSAL = "Causal.time_lora_grad"
+ERR_CAUSAL = "Causal.track_rel_error_poly_vs_exact"
+MEM_POLY, MEM_EXACT = "Poly.peakmem_lora_grad", "Exact.peakmem_lora_grad"
+ALLOC_POLY = "Poly.track_alloc_lora_grad"
+BOUND, MAX_SCORE = "Poly.track_score_bound", "Exact.track_max_score"
+SUITE_BOUND = 1.0  # common.SCORE_BOUND, the M every problem of the scaling study is built with
+
+
+def resolve(res):
+    """``res`` keyed by role (``"Poly.time_lora_grad"`` ...): each role's scaling-class results, or its
+    fallback class's where the file has no scaling class."""
+    out = dict(res)
+    for role, names in _CLASSES.items():
+        for cls in names:
+            found = {name[len(cls) + 1:]: v for name, v in res.items() if name.startswith(cls + ".")}
+            if found:
+                out.update({f"{role}.{m}": v for m, v in found.items()})
+                break
+    return out
+
+
+def bound_cells(res, L, d, g=None):
+    """``(M, max |S|)`` cells of the inputs at ``L``, ``d_head``: tracked values, or the suite's M "(set)"."""
+    kw = {"L": L, "d_head": d} | ({"degree": g} if g is not None else {})
+    m = get(res, BOUND, **kw)
+    ms = get(res, MAX_SCORE, L=L, d_head=d)
+    return (fmt(m, ".3g") if m is not None else f"{SUITE_BOUND:g} (set)"), fmt(ms, ".3g")
+
+
+def realhead(data, res) -> str:
+    """The real-head table (``bench_realhead.RealHeadLike``): the M = 8 case where poly correctly loses."""
+    lines = []
+    w = lines.append
+    rh = "bench_realhead.RealHeadLike."
+    keys = sorted({(dict(k)["L"], dict(k)["dtype"]) for k in res.get(rh + "time_auto", {})})
+    if keys:
+        w("#### Real-head-like LoRA problem (4 heads, d_head 16, M = 8): poly correctly loses\n")
+        w("| L | dtype | M | max \\|S\\| | auto | exact | auto ran poly | features poly needs | "
+          "est. poly / exact |")
+        w("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for L, dt in keys:
+            kw = {"backend": "numpy", "L": L, "dtype": dt}
+            ran = get(res, rh + "track_auto_ran_poly", **kw)
+            w(f"| {L} | {dt} | {fmt(get(res, rh + 'track_score_bound', **kw))} | "
+              f"{fmt(get(res, rh + 'track_max_score', **kw))} | {fmt_t(get(res, rh + 'time_auto', **kw))} | "
+              f"{fmt_t(get(res, rh + 'time_exact', **kw))} | {'–' if ran is None else ('yes' if ran else 'no')} | "
+              f"{fmt(get(res, rh + 'track_poly_features_needed', **kw), '.3g')} | "
+              f"{fmt(get(res, rh + 'track_poly_over_exact_estimate', **kw), '.3g')} |")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def report(data, res) -> str:
+    if not any(name.startswith(tuple(c + "." for names in _CLASSES.values() for c in names)) for name in res):
+        return realhead(data, res)  # a file with the real-head benchmarks only
+    res = resolve(res)
     lines = []
     w = lines.append
     m = data.get("params", {})
@@ -135,8 +195,8 @@ def report(data, res) -> str:
     for d, g in itertools.product(ds, gs):
         k = feature_dim(d, g)
         w(f"\n#### d_head = {d}, degree g = {g} (k = {k} features)\n")
-        w("| L | exact | PyTorch SDPA | poly | exact / poly | poly rel. error | poly t(L) / t(L/4) |")
-        w("|---:|---:|---:|---:|---:|---:|---:|")
+        w("| L | M | max \\|S\\| | exact | PyTorch SDPA | poly | exact / poly | poly rel. error | poly t(L) / t(L/4) |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         te, tt, tp = {}, {}, {}
         for L in Ls:
             te[L] = get(res, T_EXACT, L=L, d_head=d)
@@ -145,8 +205,9 @@ def report(data, res) -> str:
             err = get(res, ERR, L=L, d_head=d, degree=g)
             ratio = tp[L] / tp[L // 4] if tp.get(L // 4) and tp[L] else None
             sp = te[L] / tp[L] if te[L] and tp[L] else None
-            w(f"| {L} | {fmt_t(te[L])} | {fmt_t(tt[L])} | {fmt_t(tp[L])} | {fmt(sp, '.3g')} | "
-              f"{fmt(err, '.2e')} | {fmt(ratio, '.2f')} |")
+            m_cell, ms_cell = bound_cells(res, L, d, g)
+            w(f"| {L} | {m_cell} | {ms_cell} | {fmt_t(te[L])} | {fmt_t(tt[L])} | {fmt_t(tp[L])} | "
+              f"{fmt(sp, '.3g')} | {fmt(err, '.2e')} | {fmt(ratio, '.2f')} |")
         fe = fit(*zip(*[(L, t) for L, t in te.items() if t])) if any(te.values()) else None
         ft = fit(*zip(*[(L, t) for L, t in tt.items() if t])) if any(tt.values()) else None
         fp = fit(*zip(*[(L, t) for L, t in tp.items() if t])) if any(tp.values()) else None
@@ -254,7 +315,8 @@ def report(data, res) -> str:
         w(f"- peak memory at L = {ACCEPT_L} (d_head {ACCEPT_D}, g {ACCEPT_G}) under 512 MiB: peak RSS "
           f"{pm / 2**20:.0f} MiB (call's own allocations {fmt(al, '.1f')} MiB) -> "
           f"{'met' if pm < 512 * 2**20 else 'MISSED'}.")
-    return "\n".join(lines) + "\n"
+    extra = realhead(data, res)
+    return "\n".join(lines) + "\n" + ("\n" + extra if extra else "")
 
 
 def causal(res, w):
@@ -277,9 +339,10 @@ def causal(res, w):
 
 
 def newest_results():
-    files = [p for p in (HERE / "results").glob("*/*.json") if p.name != "machine.json"]
+    files = [p for p in (HERE / ".asv" / "results").glob("*/*.json") if p.name != "machine.json"]
     if not files:
-        sys.exit("no asv results under asv_bench/results/: run asv first (see BENCHMARKS.md)")
+        sys.exit("no asv results under asv_bench/.asv/results/: run asv first, or pass a file such as "
+                 "asv_bench/published/cpu-2core/*.json (see BENCHMARKS.md)")
     return max(files, key=lambda p: p.stat().st_mtime)
 
 

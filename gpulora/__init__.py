@@ -3,8 +3,9 @@
 The public API (see README.md): :class:`Head`, :class:`LoRA`, :func:`lora_grad`, :func:`forward`,
 :func:`loss`, :func:`diagnose`, :func:`poly_features`, the q/k/v-level :func:`attention` and
 :func:`attention_vjp` (:mod:`gpulora.functional`), the warning category :class:`AccuracyWarning`, and the
-subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy or
-CuPy, float16, bfloat16 (ml_dtypes), float32 or float64 (half precision is computed in float32).
+subpackage :mod:`gpulora.kernels` (Numba CUDA kernels, with ``compile_ptx_all``). Arrays are NumPy, CuPy
+or any other array-API-standard arrays, float16, bfloat16 (ml_dtypes), float32 or float64 (half precision
+is computed in float32).
 """
 
 from .diagnose import Diagnosis as Diagnosis

@@ -63,7 +63,7 @@ class Problem:
     def attention(self, causal: bool) -> Attention:
         """The problem in the grouped layout of :mod:`gpulora.dispatch`."""
         kv = None if self.key_valid is None else self.key_valid[:, None, None, :]
-        return Attention(self.xp, self.grouped(self.q), self.k[:, :, None], self.v[:, :, None], self.beta,
+        return Attention(self.xp, self.grouped(self.q), self.k[:, :, None, ...], self.v[:, :, None, ...], self.beta,
                          causal=causal, softmax_one=self.softmax_one, key_valid=kv)
 
     def grouped(self, a):
@@ -168,15 +168,16 @@ def prepare(head: Head, lora: LoRA, x, y=None, *, grad_output=None, key_mask=Non
             )
     lead, L = tuple(x.shape[:-2]), x.shape[-2]
     key_valid = _key_valid(xp, key_mask, lengths, lead, L)
-    out_dtype = result_dtype(x, *weights, *adapters, *(a for _, a in upstream))
-    dtype = compute_dtype(x, *weights, *adapters, *(a for _, a in upstream))
+    # NumPy's promotion rules decide; the namespace's own dtype objects carry the result
+    out_dtype = backend.namespace_dtype(xp, result_dtype(x, *weights, *adapters, *(a for _, a in upstream)))
+    dtype = backend.namespace_dtype(xp, compute_dtype(x, *weights, *adapters, *(a for _, a in upstream)))
     rope = rotary_tables(xp, L, head.d_head, dtype, lead=lead, position_ids=position_ids, rope_theta=rope_theta,
                          rope_cos=rope_cos, rope_sin=rope_sin)
 
     def cast(a):
         return xp.astype(a, dtype, copy=False)
 
-    x3 = cast(x if batched else x[None])
+    x3 = cast(x if batched else x[None, ...])
     merged = {}
 
     def project(t, heads):
@@ -194,7 +195,7 @@ def prepare(head: Head, lora: LoRA, x, y=None, *, grad_output=None, key_mask=Non
     q, k, v = project("q", head.heads), project("k", head.kv_heads), project("v", head.kv_heads)
 
     def heads_of(a):
-        return None if a is None else _split_heads(xp, cast(a if batched else a[None]), head.heads)
+        return None if a is None else _split_heads(xp, cast(a if batched else a[None, ...]), head.heads)
 
     return Problem(xp, x3, q, k, v, heads_of(y), head.beta, head.softmax_one, batched,
                    grad_output=heads_of(grad_output), key_valid=key_valid, rope=rope, weights=merged,
@@ -239,10 +240,10 @@ def adapter_grads(lora: LoRA, prob: Problem, d_proj: dict) -> dict:
 def input_grad(prob: Problem, d_proj: dict):
     """``dx = sum_t dP_t W_t^T`` (merged weights) in the caller's layout of ``x`` (compute dtype)."""
     dx = sum(d_proj[t] @ prob.weights[t].mT for t in TARGETS)
-    return dx if prob.batched else dx[0]
+    return dx if prob.batched else dx[0, ...]
 
 
 def output_layout(prob: Problem, o):
     """``o (batch, H, L, d_v)`` back to the caller's layout ``(L, H d_v)`` or ``(batch, L, H d_v)``, result dtype."""
     merged = _merge_heads(prob.xp, o)
-    return prob.to_result(merged if prob.batched else merged[0])
+    return prob.to_result(merged if prob.batched else merged[0, ...])

@@ -147,7 +147,7 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     e_flops = lead * cost.exact_flops(L, d_head, d_v, targets, causal=causal)
     e_sec = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
     notes = []
-    dtype = np.dtype(q.dtype)
+    dtype = backend.host_dtype(q)
     try:
         choice, compute = choose(m, tol=tol, dtype=dtype)
     except ValueError as err:

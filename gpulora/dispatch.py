@@ -37,6 +37,7 @@ from .poly import causal as causal_chain
 from .poly import chain
 from .poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from .poly.coefficients import DEFAULT_TOL, FAMILIES, PolyChoice, choose
+from .poly.products import row_sums
 from .validation import all_finite, check_bool, check_degree, check_method, check_tol
 
 __all__ = ["GRAD_TOL_FACTOR", "Attention", "Plan", "check_options", "error_estimate", "estimate_from_spread",
@@ -136,7 +137,7 @@ def plan(att: Attention, method, *, degree=None, tol=None, family=None, targets=
     clean = att.without_padding()
     with np.errstate(over="ignore"):  # an overflowing bound is inf, handled below
         bound = chain.score_bound(clean.q, clean.k, att.beta)
-    return plan_for_bound(bound, method, dtype=att.q.dtype, lead=math.prod(att.q.shape[:-2]), L=att.q.shape[-2],
+    return plan_for_bound(bound, method, dtype=backend.host_dtype(att.q), lead=math.prod(att.q.shape[:-2]), L=att.q.shape[-2],
                           d_head=att.q.shape[-1], d_v=att.v.shape[-1],
                           backend_name="cupy" if backend.is_cupy(att.q) else "numpy", causal=att.causal,
                           degree=degree, tol=tol, family=family, targets=targets)
@@ -202,10 +203,14 @@ def error_estimate(att: Attention, p: Plan, residual_norm: float) -> float:
     tokens of an adapter gradient (README, "Precision and tolerance"). Cost ``O(L d_v)``, one host read.
     """
     xp = att.xp
-    v = xp.astype(att.v, xp.float64, copy=False)  # (N, H_kv, 1, L, d_v)
-    c = 0.0 if att.softmax_one else xp.mean(v, axis=-2, keepdims=True)
-    spread2 = xp.max(xp.sum((v - c) ** 2, axis=-1), axis=-1)  # [N, H_kv, 1]
-    return estimate_from_spread(p, v.shape[-2] * att.q.shape[2], backend.to_float(xp.sum(spread2)), residual_norm)
+    v = att.v  # (N, H_kv, 1, L, d_v), compute dtype: a float64 copy of it cost more than the check's arithmetic
+    if not att.softmax_one:
+        v = v - (xp.ones((1, v.shape[-2]), dtype=v.dtype) @ v) / max(v.shape[-2], 1)  # minus the mean (BLAS)
+    # max_j |v_j - c|^2 in v's dtype, enlarged by a rounding allowance so that it stays an upper bound
+    rounding = 1.0 + 4.0 * (v.shape[-1] + 2) * float(np.finfo(backend.host_dtype(v)).eps)
+    spread2 = xp.max(row_sums(v * v, xp)[..., 0], axis=-1)  # [N, H_kv, 1]
+    return estimate_from_spread(p, v.shape[-2] * att.q.shape[2], rounding * backend.to_float(xp.sum(spread2)),
+                                residual_norm)
 
 
 def estimate_from_spread(p: Plan, rows: int, spread2: float, residual_norm: float) -> float:
@@ -237,7 +242,7 @@ def _poly_chain(att: Attention, p: Plan, y, grad_output, need):
     (broadcast in pass 2), and the query states of the group are summed before pass 3 (the states are sums).
     """
     xp, q, k, v, beta, mask = att.xp, att.q, att.k, att.v, att.beta, att.key_valid
-    dtype = p.compute_dtype
+    dtype = backend.namespace_dtype(xp, p.compute_dtype)
     chain.check_extreme_pairs(beta * xp.astype(q, dtype, copy=False),
                               xp.astype(_expanded(att, k), dtype, copy=False), p.choice, query_mask=mask, key_mask=mask)
     keys = chain.key_pass(k, v, p.choice, need=need, key_mask=mask, compute_dtype=dtype)
@@ -257,7 +262,8 @@ def _poly_causal(att: Attention, p: Plan, y, grad_output, need):
     """Causal poly: the forward and backward sweeps of :mod:`gpulora.poly.causal`, the output kept from the
     forward sweep (keys and values repeated over each group, their gradients summed back)."""
     xp, q, beta, mask = att.xp, att.q, att.beta, att.key_valid
-    lay = causal_chain._layout(q, _expanded(att, att.k), _expanded(att, att.v), beta, p.choice, p.compute_dtype,
+    lay = causal_chain._layout(q, _expanded(att, att.k), _expanded(att, att.v), beta, p.choice,
+                               backend.namespace_dtype(xp, p.compute_dtype),
                                None, None, mask, mask)
     target = y if y is not None else grad_output
     mode = None if target is None else ("y" if y is not None else "grad_output")
@@ -314,7 +320,7 @@ def _check_result(att: Attention, p: Plan, out) -> None:
         f64, clean = att.xp.float64, att.without_padding()
         with np.errstate(over="ignore"):
             bound = chain.score_bound(att.xp.astype(clean.q, f64), att.xp.astype(clean.k, f64), att.beta)
-    dtype = np.dtype(att.q.dtype)
+    dtype = backend.host_dtype(att.q)
     msg = (f"the {p.method} computation overflowed {dtype} (NaN or inf in its results) although every input "
            f"is finite: the scores reach up to M = {bound:.3g} and the gradients scale with their size "
            f"(largest {dtype} {float(np.finfo(dtype).max):.3g}); scale x or the weights down (or beta), or "

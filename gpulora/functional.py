@@ -78,8 +78,8 @@ class _Call:
                              f"got {tuple(grad_output.shape)}")
         beta = 1.0 / math.sqrt(d_head) if beta is None else check_beta(beta)
         check_finite(named)  # one fused reduction: one host read on CuPy
-        self.result_dtype = result_dtype(q, k, v, grad_output)
-        dtype = compute_dtype(q, k, v, grad_output)
+        self.result_dtype = backend.namespace_dtype(xp, result_dtype(q, k, v, grad_output))
+        dtype = backend.namespace_dtype(xp, compute_dtype(q, k, v, grad_output))
         N, rep = math.prod(batch), H // H_kv
 
         def grouped(a, group):

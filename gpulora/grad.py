@@ -6,8 +6,10 @@ Host reads, on CuPy (each one scalar or a few numbers, each a synchronisation): 
 in place since ``Head``/``LoRA`` were built), the range check of ``lengths``, the score bound ``M`` (the
 degree choice needs it on the host), the poly path's two run-time checks (``3 * batch * H`` feature
 products at the extreme rows, and the smallest normaliser ratio) and its error estimate (the loss and the
-spread of ``V``), and the fused finiteness check of the results. Everything else, the gradient chain
-included, stays on the device, on CuPy's current stream.
+spread of ``V``), and the fused finiteness check of the results: 5 reads per exact call and 10 per poly
+call, whatever the sizes (pinned by ``tests/test_array_api.py``). Everything else, the gradient chain
+included, stays on the device, on CuPy's current stream. Arrays may come from any library that follows the
+array API standard (``array_api_strict`` in the tests); the Numba kernels serve CuPy arrays only.
 """
 
 from __future__ import annotations

@@ -83,11 +83,13 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
     if not (math.isfinite(rope_theta) and rope_theta > 0):
         raise ValueError(f"rope_theta must be a finite real number > 0, got {rope_theta!r}")
     if position_ids is None:
-        pos = xp.astype(xp.arange(L), xp.float64)[None]
+        pos = xp.astype(xp.arange(L), xp.float64)[None, ...]
     else:
-        if not (isinstance(position_ids, np.ndarray) or backend.is_cupy(position_ids)):
-            raise TypeError(f"position_ids must be an integer NumPy or CuPy array, got {type(position_ids).__name__}")
-        if np.dtype(position_ids.dtype).kind not in "iu":
+        try:
+            backend.namespace(position_ids)  # NumPy, CuPy or another array API standard array
+        except TypeError:
+            raise TypeError(f"position_ids must be an integer NumPy or CuPy array, got {type(position_ids).__name__}") from None
+        if backend.host_dtype(position_ids).kind not in "iu":
             raise TypeError(f"position_ids must have an integer dtype, got {position_ids.dtype}")
         if tuple(position_ids.shape) not in shapes:
             raise ValueError(f"position_ids must have shape {(L,)}, {(1,) * len(lead) + (L,)} or {tuple(lead) + (L,)}, "
@@ -95,5 +97,5 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
         pos = xp.reshape(xp.astype(position_ids, xp.float64), (-1, L))
     inv_freq = float(rope_theta) ** (-xp.astype(xp.arange(0, d_head, 2), xp.float64) / d_head)
     ang = pos[..., None] * inv_freq  # [N or 1, L, d_head / 2]
-    emb = xp.concat([ang, ang], axis=-1)[:, None]
+    emb = xp.concat([ang, ang], axis=-1)[:, None, ...]
     return xp.astype(xp.cos(emb), dtype), xp.astype(xp.sin(emb), dtype)

@@ -50,12 +50,20 @@ def _check_array_type(name: str, a) -> None:
                             f"be read as numbers; pass {name}.filled(value) or drop the masked rows")
         raise TypeError(f"{name} must be a plain NumPy array, got the ndarray subclass {type(a).__name__} "
                         f"(whose arithmetic differs); pass np.asarray({name})")
-    if not backend.is_cupy(a):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if backend.is_cupy(a):
+        return
+    try:
+        backend.namespace(a)  # any other library that follows the array API standard
+    except TypeError:
+        raise TypeError(f"{name} must be a NumPy or CuPy array (or another array API standard array), "
+                        f"got {type(a).__name__}") from None
 
 
 def _is_half(dtype) -> bool:
-    return np.dtype(dtype).name in _HALF
+    try:
+        return np.dtype(dtype).name in _HALF
+    except TypeError:  # another array API library's dtype object: its half types are not supported anyway
+        return False
 
 
 def check_real_array(name: str, a, *, ndim=None, min_ndim=None, finite: bool = True, half: bool = False):
@@ -67,7 +75,8 @@ def check_real_array(name: str, a, *, ndim=None, min_ndim=None, finite: bool = T
     ``a`` itself (never a copy, never modified).
     """
     _check_array_type(name, a)
-    if a.dtype not in _DTYPES and not (half and _is_half(a.dtype)):
+    dtype = backend.host_dtype(a)
+    if dtype not in _DTYPES and not (half and _is_half(dtype)):
         allowed = "float16, bfloat16, float32 or float64" if half else "float32 or float64"
         raise TypeError(f"{name} must have dtype {allowed}, got {a.dtype}")
     if ndim is not None and a.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
@@ -189,7 +198,7 @@ def check_key_mask(key_mask, lead: tuple, L: int, name: str = "key_mask"):
     Returns it unchanged; raises ``TypeError`` for a non-boolean dtype, ``ValueError`` for a wrong shape.
     """
     _check_array_type(name, key_mask)
-    if key_mask.dtype != np.bool_:
+    if backend.host_dtype(key_mask) != np.bool_:
         raise TypeError(f"{name} must have dtype bool (True = attend), got {key_mask.dtype}")
     want = tuple(lead) + (L,)
     if tuple(key_mask.shape) != want:
@@ -202,7 +211,7 @@ def result_dtype(*arrays) -> np.dtype:
 
     float32 with float64 gives float64 (no input is silently downcast); float16 with bfloat16 gives float32.
     """
-    return np.result_type(*(np.dtype(a.dtype) for a in arrays if a is not None))
+    return np.result_type(*(backend.host_dtype(a) for a in arrays if a is not None))
 
 
 def compute_dtype(*arrays) -> np.dtype:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the ``xp`` backend fixture (NumPy always, CuPy where a GPU is present), NaN poisoning."""
+"""Shared fixtures: the ``xp`` backend fixture (NumPy always, ``array_api_strict`` where installed, CuPy where a
+GPU is present), NaN poisoning."""
 
 import numpy as np
 import pytest
@@ -14,10 +15,16 @@ def _cupy_or_skip():
     return cupy
 
 
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+@pytest.fixture(params=["numpy", "array_api_strict", pytest.param("cupy", marks=pytest.mark.gpu)])
 def xp(request):
-    """The array module under test: ``numpy``, or ``cupy`` (skipped without a GPU)."""
-    return np if request.param == "numpy" else _cupy_or_skip()
+    """The array module under test: ``numpy``; ``array_api_strict``, the array API standard's minimum (it
+    rejects the NumPy-only idioms that would break on CuPy; skipped when not installed); or ``cupy``
+    (skipped without a GPU)."""
+    if request.param == "numpy":
+        return np
+    if request.param == "array_api_strict":
+        return pytest.importorskip("array_api_strict", reason="install the test extra: array-api-strict")
+    return _cupy_or_skip()
 
 
 @pytest.fixture(autouse=True)

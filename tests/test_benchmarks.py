@@ -58,8 +58,9 @@ def _benchmark_classes():
 
 
 def test_suite_has_benchmarks():
-    assert {"bench_chain", "bench_grad", "bench_features", "bench_products", "bench_torch"} <= set(MODULES)
-    assert len(list(_benchmark_classes())) >= 7
+    assert {"bench_chain", "bench_grad", "bench_features", "bench_products", "bench_torch", "bench_scaling",
+            "bench_realhead"} <= set(MODULES)
+    assert len(list(_benchmark_classes())) >= 14
 
 
 @pytest.mark.skipif(shutil.which("asv") is None and importlib.util.find_spec("asv") is None,
@@ -95,15 +96,45 @@ def test_benchmark_smallest_combination(mod, cls):
         pytest.skip(f"every combination is skipped here: {reason}")
     methods = sorted(m for m in dir(cls) if m.startswith(PREFIXES))
     assert methods
+    assert {"track_score_bound", "track_max_score"} <= set(methods), "every benchmark states its score bound"
+    values = {}
     for name in methods:
-        value = getattr(bench, name)(*combo)
+        value = values[name] = getattr(bench, name)(*combo)
         if name.startswith("track_"):
-            assert isinstance(value, float) and (math.isfinite(value) or "rel_error" in name), (name, value)
+            assert isinstance(value, float) and (math.isfinite(value) or name in MAY_BE_NAN), (name, value)
             assert getattr(cls, name).unit
             if "rel_error" in name:
                 assert math.isnan(value) or 0 <= value < 1, (name, value)
-            else:
+            elif name == "track_auto_ran_poly":
+                assert value in (0.0, 1.0), value
+            elif not math.isnan(value):
                 assert value > 0, (name, value)
+    bound, max_score = values["track_score_bound"], values["track_max_score"]
+    assert math.isnan(max_score) or max_score <= bound * (1 + 1e-6), (bound, max_score)
+
+
+MAY_BE_NAN = {"track_rel_error_poly_vs_exact", "track_max_score", "track_poly_features_needed",
+              "track_poly_over_exact_estimate"}
+
+
+def test_real_head_case_runs_exact_and_poly_would_lose():
+    """The M = 8 case: auto correctly runs exact, and the estimate says poly would be far slower."""
+    cls = _module("bench_realhead").RealHeadLike
+    bench = cls()
+    bench.setup("numpy", 1024, "float32")
+    assert bench.track_score_bound() == pytest.approx(8.0, rel=1e-5)
+    assert 5 < bench.track_max_score() <= 8.0
+    assert bench.track_auto_ran_poly() == 0.0
+    assert bench.diagnosis.recommended == "exact"
+    # either no polynomial fits the feature budget at all (NaN), or it would cost thousands of times more
+    ratio = bench.track_poly_over_exact_estimate()
+    assert math.isnan(ratio) or ratio > 1e3, ratio
+
+
+def test_grids_do_not_depend_on_the_environment():
+    """asv's convention: params are fixed; nothing in the suite reads the environment."""
+    text = "".join(p.read_text() for p in BENCH_DIR.glob("*.py"))
+    assert "os.environ" not in text and "getenv" not in text
 
 
 def test_torch_baseline_is_the_same_problem():
@@ -166,3 +197,131 @@ def test_report_script_recovers_synthetic_scaling(tmp_path):
     assert cells[7].startswith("4.00, 4.00"), row  # t(4L)/t(L)
     assert float(cells[8]) == pytest.approx(1000, rel=1e-6), row  # L*
     assert "1.00e-02" in text
+
+
+def test_benchmarks_md_quotes_what_report_prints_from_the_published_results():
+    """The CPU tables of BENCHMARKS.md are, verbatim, report.py's output on the published results file."""
+    import re
+
+    doc = (ASV_DIR.parent / "BENCHMARKS.md").read_text()
+    blocks = re.findall(r"<!-- report\.py:start (\S+) -->\n(.*?)<!-- report\.py:end -->", doc, re.S)
+    assert blocks, "BENCHMARKS.md lacks the report.py markers"
+    spec = importlib.util.spec_from_file_location("gpulora_asv_report_pub", ASV_DIR / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for path, quoted in blocks:
+        data, res = report.load(ASV_DIR.parent / path)
+        assert report.report(data, res) == quoted, "regenerate: python asv_bench/report.py " + path
+
+
+# ------------------------------------------------------------------------------ the prepared GPU run
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"gpulora_asv_{name}", ASV_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    """Every stage of asv_bench/gpu_bench.py once in this process, on NumPy at toy sizes (--dry-run)."""
+    import time
+
+    bench = _script("gpu_bench")
+    out = tmp_path_factory.mktemp("gpu")
+    results = {name: bench.run_stage(name, out, time.time() + 60, True) for name in bench.STAGES}
+    return bench, out, results
+
+
+def test_gpu_bench_dry_run_measures_every_stage(gpu_dry_run):
+    bench, out, results = gpu_dry_run
+    assert set(results) == {"device", "features", "stages", "compare"}
+    for name, res in results.items():
+        assert res["status"] == "ok", (name, res.get("traceback"))
+        assert json.loads((out / f"{name}.json").read_text())["status"] == "ok"
+    dev = results["device"]
+    assert dev["info"]["dry_run"] and dev["copy"]["gbps"] > 0 and dev["gemm_fp32"]["tflops"] > 0
+    assert all(c["gbps"] > 0 and c["M"] == bench.BOUND for c in results["features"]["cases"])
+    parts = results["stages"]["parts"]
+    assert {"features (q and k)", "checks", "total"} <= set(parts) and len(parts) == 6
+    assert all("error" not in c for c in parts.values()), parts
+    cases = results["compare"]["cases"]
+    methods = {c["method"] for c in cases}
+    assert {"poly", "exact"} <= methods and all("error" not in c for c in cases), cases
+    assert sum(bool(c.get("target")) for c in cases) == 1
+    assert all(c["M"] == bench.BOUND and c["median_s"] > 0 for c in cases)
+
+
+def test_gpu_bench_stage_stops_at_its_deadline(tmp_path):
+    """A stage past its (soft) deadline starts no new case and says so: one slow stage cannot eat the run."""
+    import time
+
+    bench = _script("gpu_bench")
+    res = bench.run_stage("compare", tmp_path, time.time() - 1, True)
+    assert res["status"] == "ok" and res["truncated"] and res["cases"] == []
+
+
+def test_gpu_bench_arguments(tmp_path):
+    bench = _script("gpu_bench")
+    args = bench.parse_args(["--out", str(tmp_path), "--stages", "device,compare", "--budget", "30"])
+    assert args.stage_list == ["device", "compare"] and args.budget == 30
+    for bad in (["--stages", "device,warp"], ["--budget", "0"], ["--stage", "nope"]):
+        with pytest.raises(SystemExit) as err:
+            bench.parse_args(bad)
+        assert err.value.code == 2
+    assert abs(sum(bench.STAGES.values()) - 1) < 1e-12
+
+
+def test_gpu_report_makes_and_updates_the_benchmarks_section(gpu_dry_run, tmp_path):
+    bench, out, results = gpu_dry_run
+    report = _script("gpu_report")
+    data = {"summary": {"stages": {n: {"status": "ok", "seconds": 1.0, "limit_s": 9.0} for n in results}},
+            **results}
+    (tmp_path / "gpu.json").write_text(json.dumps(data, default=str))
+    (tmp_path / "tests.txt").write_text("3 passed, 1 skipped in 2.0s\n")
+    text = report.main([str(tmp_path)])
+    assert "dry run on the CPU" in text and "3 passed" in text
+    for heading in ("Ceilings", "Feature map", "Stage breakdown", "poly vs exact vs PyTorch SDPA"):
+        assert heading in text, heading
+    assert "| L | d_head | method | g | k | M |" in text and "Target, poly" in text
+    doc = tmp_path / "B.md"
+    doc.write_text(f"# x\n\n{report.START}\nold\n{report.END}\n\nrest\n")
+    report.main([str(tmp_path), "--update", str(doc)])
+    new = doc.read_text()
+    assert "old" not in new and new.endswith(f"{report.END}\n\nrest\n") and text in new
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils timeout")
+def test_gpu_run_script_arguments(tmp_path):
+    script = str(ASV_DIR / "gpu_run.sh")
+    for bad in (["--bogus"], ["--budget", "x"], ["--budget", "0"]):
+        proc = subprocess.run(["bash", script, *bad], capture_output=True, text=True, timeout=60,
+                              env={**__import__("os").environ, "OUT": str(tmp_path / "o")})
+        assert proc.returncode == 2 and "gpu_run:" in proc.stderr, (bad, proc.stderr)
+    proc = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--dry-run" in proc.stdout
+
+
+def test_install_env_picks_only_usable_extras():
+    inst = _script("install_env")
+    assert inst.cuda_major("| NVIDIA-SMI 580.65  Driver Version: 580.65  CUDA Version: 13.0 |") == 13
+    assert inst.cuda_major("CUDA Version: 12.4") == 12 and inst.cuda_major("no banner") is None
+    cpu = inst.commands("g.whl", None, True)
+    assert cpu[0][-1] == "g.whl" and cpu[1][-2:] == ["--index-url", inst.TORCH_CPU_INDEX]
+    gpu = inst.commands("g.whl", "cuda13", True)
+    assert gpu[0][-1] == "g.whl[cuda13]" and gpu[1][-1] == "torch"
+    assert len(inst.commands("g.whl", None, False)) == 1
+
+
+def test_asv_results_live_outside_the_code_tree():
+    """asv writes under asv_bench/.asv/ (git-ignored); published figures sit where no asv run writes."""
+    conf = (ASV_DIR / "asv.conf.json").read_text()
+    for key in ("results_dir", "env_dir", "html_dir"):
+        assert f'"{key}": ".asv/' in conf, key
+    assert "install_env.py" in conf and '"install_timeout"' in conf
+    ignored = (ASV_DIR.parent / ".gitignore").read_text()
+    assert "asv_bench/.asv/" in ignored
+    assert list((ASV_DIR / "published").glob("*/*.json"))

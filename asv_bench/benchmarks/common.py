@@ -1,4 +1,4 @@
-"""Shared pieces of the gpulora asv suite: backends, parameter grids, seeded problems, synchronised timing.
+"""Shared pieces of the gpulora asv suite: backends, seeded problems, score bounds, synchronised timing.
 
 Every benchmark class derives from :class:`Benchmark` (parametrised over ``backend`` first), builds its
 inputs in ``setup`` with :func:`gpulora.testing.make_problem`, and ends every ``time_`` call with
@@ -6,14 +6,20 @@ inputs in ``setup`` with :func:`gpulora.testing.make_problem`, and ends every ``
 CUDA device is missing, and for parameter combinations that are not meaningful. Operation and byte counts
 come from :mod:`gpulora.cost` (defined once there).
 
-Grids: the default grid is small, so that ``asv run --python=same --quick`` of one commit takes a few
-minutes on a 2-core CPU. ``GPULORA_BENCH_FULL=1`` selects the grid that BENCHMARKS.md quotes (L from 1024
-to 65536, d_head in {4, 8, 16}, degree in {2, 4}; exact and PyTorch only up to ``EXACT_MAX_L``).
+Every class states the score bound of its inputs next to its times: ``track_score_bound`` (the a-priori
+bound ``M = beta max|q_i| max|k_j|`` that gpulora plans with) and ``track_max_score`` (the exact ``max |S|``
+where it is affordable, NaN beyond :data:`MAX_SCORE_LIMIT` scores).
+
+Grids are fixed (asv's convention: ``params`` never depend on the environment). The ``bench_grad``,
+``bench_torch``, ``bench_features`` and ``bench_products`` classes are the small regression grid (a few
+minutes for ``asv run --python=same --quick`` on a 2-core CPU); ``bench_scaling`` holds the scaling study
+that BENCHMARKS.md quotes (``asv run -b '^bench_scaling'``), and ``bench_realhead`` the side-by-side
+comparisons with PyTorch on real-head shapes.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import timeit
 import tracemalloc
 
@@ -27,21 +33,22 @@ __all__ = [
     "BACKENDS",
     "D_MODEL",
     "EXACT_MAX_L",
-    "FULL",
+    "MAX_SCORE_LIMIT",
     "RANK",
     "SCORE_BOUND",
     "Benchmark",
     "array_module",
     "best_seconds",
-    "grid",
     "peak_alloc_mib",
     "problem",
+    "row_bounds",
+    "scaled_rows",
+    "score_bounds",
     "setup",
     "warm_up",
 ]
 
 BACKENDS = ["numpy", "cupy"]
-FULL = os.environ.get("GPULORA_BENCH_FULL", "") not in ("", "0")
 # Every problem: unit-norm input rows of width D_MODEL, LoRA rank RANK, d_v = d_head, and Q/K scaled so
 # that the a-priori score bound beta * max|q_i| * max|k_j| equals SCORE_BOUND (the bounded regime the
 # polynomial method is for; the degree is a parameter, so the error is tracked beside the time).
@@ -50,11 +57,8 @@ RANK = 4
 SCORE_BOUND = 1.0
 # The exact O(L^2) path (and PyTorch's) costs ~30 s a call at L = 65536 on the 2-core CPU: not beyond this.
 EXACT_MAX_L = 16384
-
-
-def grid(default, full):
-    """The list of parameter values: ``full`` under ``GPULORA_BENCH_FULL=1``, else ``default``."""
-    return list(full if FULL else default)
+# The exact max |S| of a benchmark problem is computed (O(batch H L^2 d), blocked) up to this many scores.
+MAX_SCORE_LIMIT = 1 << 28
 
 
 def setup(*args, **kwargs):
@@ -83,10 +87,25 @@ def array_module(name: str):
     raise NotImplementedError(f"unknown backend {name!r}")
 
 
-def problem(xp, L, d_head, targets, dtype, *, seed=0):
-    """The seeded benchmark problem (:func:`gpulora.testing.make_problem`) on ``xp`` in ``dtype``."""
-    return make_problem(seed, L=L, d_model=D_MODEL, d_head=d_head, r=RANK, targets=targets,
-                        dtype=np.dtype(dtype), xp=xp, score_bound=SCORE_BOUND)
+def problem(xp, L, d_head, targets, dtype, *, seed=0, bound=SCORE_BOUND, **kwargs):
+    """The seeded benchmark problem (:func:`gpulora.testing.make_problem`) on ``xp`` in ``dtype``, with
+    Q/K scaled so that the score bound ``M`` is ``bound``."""
+    return make_problem(seed, L=L, d_model=kwargs.pop("d_model", D_MODEL), d_head=d_head, r=RANK,
+                        targets=targets, dtype=np.dtype(dtype), xp=xp, score_bound=bound, **kwargs)
+
+
+def score_bounds(prob, *, causal=False) -> tuple[float, float]:
+    """``(M, max |S|)`` of a :func:`problem`: the a-priori bound gpulora plans with and the exact maximum
+    score (NaN when ``batch H L^2`` exceeds :data:`MAX_SCORE_LIMIT`). Two host reads."""
+    from gpulora.adapters import prepare
+    from gpulora.diagnose import exact_max_score
+    from gpulora.poly.chain import score_bound
+
+    p = prepare(prob.head, prob.lora, prob.x)
+    bound = score_bound(p.q, p.k, p.beta)
+    lead, L = math.prod(p.q.shape[:-2]), p.q.shape[-2]
+    exact = exact_max_score(p.q, p.k, p.beta, causal=causal) if lead * L * L <= MAX_SCORE_LIMIT else math.nan
+    return bound, exact
 
 
 def warm_up(xp, d_head, targets, dtype, **kwargs):
@@ -120,6 +139,19 @@ def peak_alloc_mib(fn) -> float:
     return (peak - base) / 2**20
 
 
+def scaled_rows(rng, L, d, bound):
+    """``L`` Gaussian rows of width ``d`` scaled so that ``max_i |z_i|^2 = bound``: then every product
+    ``z_i . z_j`` (a score of keys against themselves) lies in ``[-bound, bound]``."""
+    z = rng.standard_normal((L, d))
+    return z * (math.sqrt(bound) / np.linalg.norm(z, axis=-1).max())
+
+
+def row_bounds(z) -> tuple[float, float]:
+    """``(M, max |S|)`` of the scores ``z z^T`` of host rows ``z``: ``max |z_i|^2`` (attained at ``i = j``)."""
+    m = float(np.max(np.sum(np.asarray(z, dtype=np.float64) ** 2, axis=-1)))
+    return m, m
+
+
 class Benchmark:
     """Base class: ``backend`` is the first parameter; ``setup_backend`` resolves it (or skips).
 
@@ -137,6 +169,24 @@ class Benchmark:
     warmup_time = 0.0
     timeout = 600
 
+    causal = False  # whether the benchmarked call masks j > i (max |S| then runs over j <= i)
+
     def setup_backend(self, name):
         self.xp = array_module(name)
         return self.xp
+
+    def bounds(self) -> tuple[float, float]:
+        """``(M, max |S|)`` of the benchmarked inputs: :func:`score_bounds` of ``self.prob`` by default."""
+        return score_bounds(self.prob, causal=self.causal)
+
+    def track_score_bound(self, *params):
+        """The score bound ``M = beta max|q_i| max|k_j|`` of the inputs (what the polynomial is fitted to)."""
+        return float(self.bounds()[0])
+
+    track_score_bound.unit = "M"
+
+    def track_max_score(self, *params):
+        """The exact ``max |S|`` of the inputs (NaN where not affordable)."""
+        return float(self.bounds()[1])
+
+    track_max_score.unit = "max |S|"

@@ -26,7 +26,14 @@ When a whole key row fits (``block_k = L``), one pass per query block computes `
 ``O``, ``r``, and the block's contributions to ``dQ``, ``dK``, ``dV``. Otherwise keys come in blocks of
 ``block_k``: a first sweep computes ``O`` and the row log-sum-exp with the online softmax, a second
 recomputes ``F = exp(S - lse)`` block by block. The largest temporary is ``lead * block_q * block_k``
-elements (at most :data:`BLOCK_ELEMENTS`), never ``L x L``.
+elements (at most :data:`BLOCK_ELEMENTS` on the CPU, :data:`GPU_BLOCK_ELEMENTS` on CuPy), never ``L x L``.
+
+**Per block** six products (``beta Q K^T``, ``E V``; ``E^T G'``, ``G' V^T``, ``P K``, ``P^T (beta Q)``) and
+six elementwise passes, in place in two buffers: max, subtract, exp, sum over ``E = exp(S - m)``; then
+``P = E * (G' V^T - r')`` with ``G' = G / l`` and ``r' = r / l`` (single key block), so the normalisation
+``1 / l`` and ``beta`` cost ``O(L d)`` instead of passes over the block. On the CPU the two products of
+inner dimension ``d`` (``Q K^T``, ``G' V^T``) take about half the time (they write one block element per
+``2 d`` flops); the elementwise passes about 15 %.
 
 **Cost** ``O(lead L^2 (d_head + d_v))`` time (about ``L^2 (6 d_head + 6 d_v)`` flops per head with all
 gradients; causal about half), ``O(lead L (d_head + d_v) + BLOCK_ELEMENTS)`` memory.
@@ -41,30 +48,52 @@ import math
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "attention_output", "attention_vjp", "block_sizes", "loss_and_grads", "scores"]
+__all__ = ["BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS", "attention_output", "attention_vjp", "block_sizes", "loss_and_grads", "scores"]
 
+# Elements of one [lead, block_q, block_k] temporary (two such buffers are live per block: weights and P).
+# Measured on the 2-core machine, 12 heads of d_head 32, L 512..2048, float32: with one BLAS thread 2^18
+# (cache-sized) was ~20 % faster than 2^22, but with two threads on a busy machine small blocks cost far
+# more (each of the ~6 lead * blocks GEMM calls pays the thread hand-off), so blocks stay large.
 BLOCK_ELEMENTS = 1 << 22
+# On a GPU every block costs ~20 kernel launches: 2^26 elements (256 MiB of float32 per buffer).
+GPU_BLOCK_ELEMENTS = 1 << 26
 
 
-def block_sizes(lead: int, L: int, block_q=None, block_k=None) -> tuple[int, int]:
-    """Query and key block sizes keeping ``lead * block_q * block_k <= BLOCK_ELEMENTS`` (unless forced)."""
+def block_sizes(lead: int, L: int, block_q=None, block_k=None, *, elements=None) -> tuple[int, int]:
+    """Query and key block sizes keeping ``lead * block_q * block_k <= elements`` (unless forced);
+    ``elements`` defaults to :data:`BLOCK_ELEMENTS`."""
     lead = max(lead, 1)
+    elements = BLOCK_ELEMENTS if elements is None else elements
     if block_k is None:
-        single = lead * L * min(L, 64) <= BLOCK_ELEMENTS
-        block_k = L if single else max(64, math.isqrt(BLOCK_ELEMENTS // lead))
+        single = lead * L * min(L, 64) <= elements
+        block_k = L if single else max(64, math.isqrt(elements // lead))
     block_k = max(1, min(int(block_k), L))
     if block_q is None:
-        block_q = BLOCK_ELEMENTS // (lead * block_k)
+        block_q = elements // (lead * block_k)
     return max(1, min(int(block_q), L)), block_k
+
+
+def _elements(q) -> int:
+    """Block size in elements for ``q``'s library: :data:`GPU_BLOCK_ELEMENTS` on CuPy, else the CPU's."""
+    return GPU_BLOCK_ELEMENTS if backend.is_cupy(q) else BLOCK_ELEMENTS
+
+
+def _exp_shifted(xp, s, m):
+    """``exp(s - m)`` computed in the buffer of ``s``, which it consumes: no temporary of the block's size."""
+    s -= m
+    return backend.exp_inplace(xp, s)
 
 
 def scores(xp, qb, kb, beta, i0, j0, causal, fill=-math.inf, key_valid=None):
     """Scores ``beta qb kb^T`` of the query rows from ``i0`` and key rows from ``j0``, shape ``[lead, bq, bk]``.
 
     Entries ``j > i`` (with ``causal``) and the columns of masked keys (``key_valid (..., L)`` False) are
-    ``fill``; both masks are applied in one pass over the block.
+    ``fill``; both masks are applied in one pass over the block. ``beta = 1`` (rows already scaled) costs
+    no pass.
     """
-    s = beta * (qb @ kb.mT)
+    s = qb @ kb.mT
+    if beta != 1:
+        s *= beta
     allowed = None
     if causal:
         allowed = xp.arange(j0, j0 + kb.shape[-2])[None, :] <= xp.arange(i0, i0 + qb.shape[-2])[:, None]
@@ -88,7 +117,8 @@ def _finite_max(xp, m):
 
 
 def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, key_valid):
-    """Output, row log-sum-exp and (single key block only) the weights ``F`` of one query block."""
+    """Output, row log-sum-exp, and (single key block only, else ``None``) the unnormalised weights
+    ``E = exp(S - m)`` with their row sums ``l`` (``F = E / l``) of one query block."""
     if kv_end <= block_k:
         s = scores(xp, qb, k[..., :kv_end, :], beta, i0, 0, causal, key_valid=key_valid)
         m = xp.max(s, axis=-1, keepdims=True)
@@ -96,14 +126,15 @@ def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, 
             m = xp.maximum(m, 0.0)
         if key_valid is not None:
             m = _finite_max(xp, m)
-        e = xp.exp(s - m)
+        e = _exp_shifted(xp, s, m)
         l = xp.sum(e, axis=-1, keepdims=True)
         if softmax_one:
             l = l + xp.exp(-m)
         if key_valid is not None:
             l = xp.where(l == 0, 1.0, l)
-        f = e / l
-        return f @ v[..., :kv_end, :], m + xp.log(l), f
+        o = e @ v[..., :kv_end, :]
+        o /= l
+        return o, m + xp.log(l), (e, l)
     lead = tuple(max(a, b) for a, b in zip(qb.shape[:-2], k.shape[:-2]))
     bq = qb.shape[-2]
     # online softmax; Softmax_1 starts from its virtual key (score 0, value 0)
@@ -116,7 +147,7 @@ def _forward_rows(xp, qb, k, v, beta, i0, kv_end, block_k, causal, softmax_one, 
         m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
         # a row whose keys so far are all masked keeps m = -inf: shift by 0 there (its terms are all 0)
         shift = _finite_max(xp, m_new) if key_valid is not None else m_new
-        e = xp.exp(s - shift)
+        e = _exp_shifted(xp, s, shift)
         rescale = xp.exp(m - shift)
         l = l * rescale + xp.sum(e, axis=-1, keepdims=True)
         o = o * rescale + e @ v[..., j0:j1, :]
@@ -144,7 +175,7 @@ def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, key_vali
     xp = backend.namespace(q, k, v)
     L = q.shape[-2]
     lead = tuple(max(a, b) for a, b in zip(q.shape[:-2], k.shape[:-2]))
-    bq, bk = block_sizes(math.prod(lead), L, block_q, block_k)
+    bq, bk = block_sizes(math.prod(lead), L, block_q, block_k, elements=_elements(q))
     out = backend.empty(lead + (L, v.shape[-1]), q.dtype, xp)
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
@@ -197,7 +228,7 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
     need = set(need)
     L, Lk = q.shape[-2], k.shape[-2]
     lead = tuple(max(a, b) for a, b in zip(q.shape[:-2], k.shape[:-2]))
-    bq, bk = block_sizes(math.prod(lead), Lk, block_q, block_k)
+    bq, bk = block_sizes(math.prod(lead), Lk, block_q, block_k, elements=_elements(q))
     out = backend.empty(lead + (L, v.shape[-1]), q.dtype, xp)
     dq = backend.empty(q.shape, q.dtype, xp) if "q" in need else None
     dk = xp.zeros(k.shape, dtype=k.dtype) if "k" in need else None
@@ -205,9 +236,9 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
     loss = xp.zeros((), dtype=xp.float64)
     for i0 in range(0, L, bq):
         i1 = min(L, i0 + bq)
-        qb = q[..., i0:i1, :]
+        qb = beta * q[..., i0:i1, :]  # dK = beta P^T Q = P^T (beta Q): beta costs O(L d), no block pass
         kv_end = _kv_end(Lk, row0 + i1, causal)
-        o, lse, f = _forward_rows(xp, qb, k, v, beta, row0 + i0, kv_end, bk, causal, softmax_one, key_valid)
+        o, lse, el = _forward_rows(xp, qb, k, v, 1, row0 + i0, kv_end, bk, causal, softmax_one, key_valid)
         valid = _row_valid(key_valid, row0 + i0, row0 + i1)
         if valid is not None:
             o = xp.where(valid, o, 0.0)
@@ -221,25 +252,32 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
             loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
         if not need:
             continue
+        if el is not None:  # single key block: F = E / l; fold 1 / l into G (then r becomes r / l too)
+            g = g / el[1]
         r = xp.sum(g * o, axis=-1, keepdims=True)
         dqb = xp.zeros(qb.shape, dtype=q.dtype) if dq is not None else None
         for j0 in range(0, kv_end, bk):
             j1 = min(kv_end, j0 + bk)
             kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
-            fb = f if f is not None else xp.exp(scores(xp, qb, kb, beta, row0 + i0, j0, causal, key_valid=key_valid)
-                                                - lse)
+            if el is not None:
+                fb = el[0]
+            else:
+                fb = _exp_shifted(xp, scores(xp, qb, kb, 1, row0 + i0, j0, causal, key_valid=key_valid), lse)
             if dv is not None:
                 dv[..., j0:j1, :] += _sum_to(xp, fb.mT @ g, vb.shape)
             if dq is None and dk is None:
                 continue
-            # [lead, bq, bk]: dloss/dS on this block (0 on padding rows, where g = r = 0)
-            p = fb * (g @ vb.mT - r)
+            # [lead, bq, bk]: dloss/dS on this block (0 on padding rows, where g = r = 0), in one buffer
+            p = g @ vb.mT
+            p -= r
+            p *= fb
             if dqb is not None:
                 dqb += _sum_to(xp, p @ kb, qb.shape)
             if dk is not None:
-                dk[..., j0:j1, :] += beta * _sum_to(xp, p.mT @ qb, kb.shape)
+                dk[..., j0:j1, :] += _sum_to(xp, p.mT @ qb, kb.shape)
         if dq is not None:
-            dq[..., i0:i1, :] = beta * dqb
+            dqb *= beta
+            dq[..., i0:i1, :] = dqb
     return (None if y is None else xp.astype(loss, q.dtype)), out, dq, dk, dv
 
 

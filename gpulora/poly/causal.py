@@ -108,8 +108,8 @@ def _exclusive(xp, carry, parts, reverse=False):
     if reverse:
         parts = xp.flip(parts, axis=1)
     total = xp.cumulative_sum(parts, axis=1)
-    states = xp.concat([xp.zeros_like(parts[:, :1]), total[:, :-1]], axis=1) + carry[:, None]
-    return (xp.flip(states, axis=1) if reverse else states), carry + total[:, -1]
+    states = xp.concat([xp.zeros_like(parts[:, :1, ...]), total[:, :-1, ...]], axis=1) + carry[:, None, ...]
+    return (xp.flip(states, axis=1) if reverse else states), carry + total[:, -1, ...]
 
 
 class _Layout:
@@ -163,7 +163,7 @@ class _Layout:
     def unpad(self, a, dtype):
         """``(B, n, C, d)`` back to ``lead + (L, d)`` in ``dtype``."""
         xp = self.xp
-        a = xp.reshape(a, (self.B, self.n * self.C, a.shape[-1]))[:, : self.L]
+        a = xp.reshape(a, (self.B, self.n * self.C, a.shape[-1]))[:, : self.L, ...]
         return xp.astype(xp.reshape(a, self.lead + (self.L, a.shape[-1])), dtype, copy=False)
 
     def lead_state(self, data):
@@ -226,7 +226,7 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         carry = lay.flat_state(prefix.stacked(with_k))
         count0 = xp.reshape(xp.broadcast_to(prefix.count, lay.lead), (B,))
     # [B, n, C, 1]: real keys j <= i of each row, the prefix's included (float64: exact counts)
-    n_keys = xp.reshape(count0[:, None] + xp.cumulative_sum(
+    n_keys = xp.reshape(count0[:, None, ...] + xp.cumulative_sum(
         xp.reshape(xp.astype(lay.key_real, xp.float64), (B, n * C)), axis=1), (B, n, C, 1))
     shape = (B, n, C)
     o_all = backend.empty(shape + (d_v,), dtype, xp)
@@ -239,15 +239,15 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
     worst = xp.asarray(math.inf, dtype=xp.float64)
     cols = [_Columns(xp) for _ in range(3)]
     for c0, c1 in lay.groups():
-        qb, kb, vb = lay.q[:, c0:c1], lay.k_[:, c0:c1], lay.v[:, c0:c1]
-        kr, qr = lay.key_real[:, c0:c1], lay.query_real[:, c0:c1]
+        qb, kb, vb = lay.q[:, c0:c1, ...], lay.k_[:, c0:c1, ...], lay.v[:, c0:c1, ...]
+        kr, qr = lay.key_real[:, c0:c1, ...], lay.query_real[:, c0:c1, ...]
         phi = fq(beta * qb)  # [B, m, C, k]
         psi = xp.where(kr, fk(kb), 0.0)
         a = xp.where(lay.tril, phi @ psi.mT, 0.0)  # [B, m, C, C]: in-chunk weights, masked to j <= i
         states, carry = _exclusive(xp, carry, psi.mT @ key_rhs(xp, vb, kb, with_k, cols[:2]))  # [B, m, k, W]
         x = _grid(phi @ states, 1 + d_v, xp)  # [B, m, C, 1 + d_v, 1 + d_head]: [[D, U S_K], [O~, U T_K]] * D
         raw = x[..., 0, 0:1] + row_sums(a, xp)
-        nk = n_keys[:, c0:c1]
+        nk = n_keys[:, c0:c1, ...]
         real = xp.logical_and(qr, nk > 0)
         ratio = xp.where(real, xp.astype(raw, xp.float64) / xp.where(nk > 0, nk * choice.min_value, 1.0),
                          math.inf)
@@ -256,25 +256,25 @@ def forward_sweep(lay: _Layout, beta, choice: PolyChoice, *, target=None, mode=N
         den = xp.where(den == 0, 1.0, den)  # no key (or padding): zero output, never 0 / 0
         f = a / den  # [B, m, C, C]: the block of F~
         o = xp.where(qr, x[..., 1:, 0] / den + f @ vb, 0.0)
-        o_all[:, c0:c1] = o
+        o_all[:, c0:c1, ...] = o
         if not grad:
             continue
-        g = target[:, c0:c1]
+        g = target[:, c0:c1, ...]
         if mode == "y":
             g = o - g
         g = xp.where(qr, g, 0.0)
         if loss is not None:
             loss = loss + 0.5 * xp.sum(xp.astype(g, xp.float64) ** 2)
         r = row_sums(g * o, xp)  # [B, m, C, 1]
-        saved["g"][:, c0:c1], saved["r"][:, c0:c1], saved["den"][:, c0:c1] = g, r, den
+        saved["g"][:, c0:c1, ...], saved["r"][:, c0:c1, ...], saved["den"][:, c0:c1, ...] = g, r, den
         if need & {"q", "k"}:
             p = f * (g @ vb.mT - r)  # [B, m, C, C]: dloss/dS on the block
         if "q" in need:
-            parts_out["q"][:, c0:c1] = beta * (kron_apply(x[..., 1:], cols[2](-r, g), xp) / den + p @ kb)
+            parts_out["q"][:, c0:c1, ...] = beta * (kron_apply(x[..., 1:], cols[2](-r, g), xp) / den + p @ kb)
         if "k" in need:
-            parts_out["k"][:, c0:c1] = beta * (p.mT @ qb)
+            parts_out["k"][:, c0:c1, ...] = beta * (p.mT @ qb)
         if "v" in need:
-            parts_out["v"][:, c0:c1] = f.mT @ g
+            parts_out["v"][:, c0:c1, ...] = f.mT @ g
     total = n_keys[:, -1, -1, 0]
     keys = KeyState(xp.reshape(total, lay.lead), lay.lead_state(carry), d_v, d_head, with_k)
     return CausalForward(o_all, parts_out.get("q"), parts_out.get("k"), parts_out.get("v"), saved.get("g"),
@@ -305,16 +305,16 @@ def backward_sweep(lay: _Layout, fwd: CausalForward, beta, choice: PolyChoice, *
     rows = 1 + d_v if with_k else d_v
     cols = [_Columns(xp) for _ in range(3)]
     for c0, c1 in lay.groups(reverse=True):
-        qb, kb, vb = lay.q[:, c0:c1], lay.k_[:, c0:c1], lay.v[:, c0:c1]
-        g, r = fwd.g[:, c0:c1], fwd.r[:, c0:c1]
-        u = fq(beta * qb) / fwd.den[:, c0:c1]
-        psi = xp.where(lay.key_real[:, c0:c1], fk(kb), 0.0)
+        qb, kb, vb = lay.q[:, c0:c1, ...], lay.k_[:, c0:c1, ...], lay.v[:, c0:c1, ...]
+        g, r = fwd.g[:, c0:c1, ...], fwd.r[:, c0:c1, ...]
+        u = fq(beta * qb) / fwd.den[:, c0:c1, ...]
+        psi = xp.where(lay.key_real[:, c0:c1, ...], fk(kb), 0.0)
         states, carry = _exclusive(xp, carry, u.mT @ query_rhs(xp, g, r, qb, with_k, cols[:2]), reverse=True)  # [B, m, k, W]
         x = _grid(psi @ states, rows, xp)  # [B, m, C, rows, cols]
         if "v" in need:
-            fwd.dv[:, c0:c1] += x[..., 1:, 0] if with_k else x[..., 0]
+            fwd.dv[:, c0:c1, ...] += x[..., 1:, 0] if with_k else x[..., 0]
         if "k" in need:
-            fwd.dk[:, c0:c1] += beta * kron_apply(x[..., 1:], cols[2](-1.0, vb), xp)
+            fwd.dk[:, c0:c1, ...] += beta * kron_apply(x[..., 1:], cols[2](-1.0, vb), xp)
     return QueryState(lay.lead_state(carry), loss, worst, d_v, d_head, with_k)
 
 

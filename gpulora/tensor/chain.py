@@ -48,7 +48,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..poly.chain import PolynomialFailure, check_normaliser
+from ..poly.chain import PolynomialFailure, _pick_rows, check_normaliser
 from ..poly.coefficients import PolyChoice, evaluate
 from ..poly.features import feature_scales, monomial_features
 from ..poly.monomials import monomial_table
@@ -102,18 +102,21 @@ def check_extreme_triples(qs, k1, k2, phi, psi1, psi2, choice: PolyChoice, facto
     def most_negative(z, w):  # argmin_j of z_j . w, w one row per leading index
         return xp.argmin(xp.sum(z * w[:, None, :], axis=-1), axis=-1)
 
+    def pick(z, m, rows):  # z[m, rows] (array-API integer indexing)
+        return _pick_rows(xp, z, m, rows)
+
     i, a, b = biggest(q2), biggest(a2), biggest(b2)
-    b_opp = most_negative(b2, q2[n, i] * a2[n, a])
-    a_opp = most_negative(a2, q2[n, i] * b2[n, b])
-    i_opp = most_negative(q2, a2[n, a] * b2[n, b])
+    b_opp = most_negative(b2, pick(q2, n, i) * pick(a2, n, a))
+    a_opp = most_negative(a2, pick(q2, n, i) * pick(b2, n, b))
+    i_opp = most_negative(q2, pick(a2, n, a) * pick(b2, n, b))
     rows, cols1, cols2 = xp.concat([i, i, i, i_opp]), xp.concat([a, a, a_opp, a]), xp.concat([b, b_opp, b, b])
     nn = xp.concat([n, n, n, n])
-    got = xp.sum(f0[nn, rows] * f1[nn, cols1] * f2[nn, cols2], axis=-1)
-    s = xp.sum(q2[nn, rows] * a2[nn, cols1] * b2[nn, cols2], axis=-1)
+    got = xp.sum(pick(f0, nn, rows) * pick(f1, nn, cols1) * pick(f2, nn, cols2), axis=-1)
+    s = xp.sum(pick(q2, nn, rows) * pick(a2, nn, cols1) * pick(b2, nn, cols2), axis=-1)
     got, s = backend.to_numpy(got).astype(np.float64), backend.to_numpy(s).astype(np.float64)
     want = evaluate(choice.coef, s)
     dev = float(np.max(np.abs(got - want) / np.abs(want))) if want.size else 0.0
-    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(np.finfo(np.dtype(str(phi.dtype))).eps))
+    allowed = factor * max(choice.budget, choice.approx_error, 4 * float(np.finfo(backend.host_dtype(phi)).eps))
     if not dev <= allowed:
         raise PolynomialFailure(
             f"the degree-{choice.degree} {choice.family} polynomial lost its accuracy to rounding in "
@@ -144,6 +147,8 @@ def features(q, k1, k2, beta, choice: PolyChoice):
 
 
 def _cast(xp, dtype, *arrays):
+    if isinstance(dtype, np.dtype):  # the plan's NumPy dtype, as xp's
+        dtype = backend.namespace_dtype(xp, dtype)
     return [None if a is None else xp.astype(a, dtype, copy=False) for a in arrays]
 
 

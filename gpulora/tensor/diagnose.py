@@ -101,7 +101,7 @@ def diagnose(head: TensorHead, lora: LoRA, x, *, tol=None) -> TensorDiagnosis:
     e_flops = lead * cost.exact_flops(L, d_head, d_v, targets)
     e_sec = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name)
     notes = []
-    dtype = np.dtype(q.dtype)
+    dtype = backend.host_dtype(q)
     try:
         choice, compute = choose(m, tol=tol, dtype=dtype)
     except ValueError as err:

@@ -139,7 +139,7 @@ def prepare(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, need_t
                              f"for w_{t} of shape {tuple(head.weight(t).shape)}, got B {tuple(b.shape)} and A "
                              f"{tuple(a.shape)}")
     dtype = x.dtype
-    x3 = x if batched else x[None]
+    x3 = x if batched else x[None, ...]
 
     def project(t):
         w = xp.astype(head.weight(t), dtype, copy=False)
@@ -150,7 +150,7 @@ def prepare(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, need_t
 
     y4 = None
     if target is not None:
-        y4 = _split_heads(xp, xp.astype(target if batched else target[None], dtype, copy=False), head.heads)
+        y4 = _split_heads(xp, xp.astype(target if batched else target[None, ...], dtype, copy=False), head.heads)
     return TensorProblem(xp, x3, *(project(t) for t in TARGETS), y4, upstream, head.beta, batched)
 
 
@@ -168,7 +168,7 @@ def plan(projections, beta, method, *, degree=None, tol=None, targets=TARGETS) -
     target = DEFAULT_TOL if tol is None else tol
     if method == "exact":
         return Plan("exact", bound, tol=target)
-    dtype = np.dtype(q.dtype)
+    dtype = backend.host_dtype(q)
     lead, L, d_head, d_v = math.prod(q.shape[:-2]), q.shape[-2], q.shape[-1], v1.shape[-1]
     what = f"tensor attention with score bound M = beta max|q| max|k1 * k2| = {bound:.3g}"
     try:
@@ -366,7 +366,7 @@ def forward(head: TensorHead, lora: LoRA, x, *, method="exact", degree=None, tol
     p = plan(prob.projections, prob.beta, method, degree=degree, tol=tol, targets=())
     _, o = _with_fallback(_output, prob.projections, p, method, beta=prob.beta)
     merged = _merge_heads(prob.xp, o)  # (batch, L, H d_v)
-    return merged if prob.batched else merged[0]
+    return merged if prob.batched else merged[0, ...]
 
 
 def loss(head: TensorHead, lora: LoRA, x, y, *, method="exact", degree=None, tol=None):
