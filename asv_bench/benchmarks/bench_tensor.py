@@ -2,8 +2,9 @@
 
 Problems: :func:`gpulora.tensor.testing.make_problem` with unit-norm input rows of width ``D_MODEL``, rank
 ``RANK`` adapters on all five targets, ``d_head = d_v``, and ``Q``, ``K1``, ``K2`` scaled so that the
-tensor score bound equals ``SCORE_BOUND`` (below ``cbrt(log L)`` from L = 64 on). Default grid: a few
-seconds per class; ``GPULORA_BENCH_FULL=1`` selects the grid quoted in BENCHMARKS.md ("Tensor attention").
+tensor score bound equals ``SCORE_BOUND`` (below ``cbrt(log L)`` from L = 4 on). The asv grid is small (a
+few seconds per class, for regression tracking); the scaling study quoted in BENCHMARKS.md ("Tensor
+attention") is :func:`scaling_study`, ``python -m benchmarks.bench_tensor`` from ``asv_bench/``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from gpulora.tensor import cost
 from gpulora.tensor.testing import make_problem
 from gpulora.testing import rel_error
 
-from .common import (BACKENDS, D_MODEL, RANK, SCORE_BOUND, Benchmark, best_seconds, grid, peak_alloc_mib,
+from .common import (BACKENDS, D_MODEL, RANK, SCORE_BOUND, Benchmark, best_seconds, peak_alloc_mib,
                      setup)  # noqa: F401  (setup: the module-level asv hook, seeding)
 
-EXACT_LENGTHS = grid([64, 256], [64, 128, 256, 512, 1024])
-POLY_LENGTHS = grid([1024, 16384], [64, 256, 1024, 4096, 16384, 65536])
-ERROR_LENGTHS = grid([64], [64, 128, 256])
-D_HEADS = grid([4], [4])
-DEGREES = grid([2, 4], [2, 3, 4])
+EXACT_LENGTHS = [64, 256]
+POLY_LENGTHS = [1024, 16384]
+ERROR_LENGTHS = [64]
+D_HEADS = [4]
+DEGREES = [2, 4]
 DTYPES = ["float64"]
 
 
