@@ -18,8 +18,8 @@ from gpulora.tensor import cost
 from gpulora.tensor.testing import make_problem
 from gpulora.testing import rel_error
 
-from .common import (BACKENDS, D_MODEL, RANK, SCORE_BOUND, Benchmark, best_seconds, peak_alloc_mib,
-                     setup)  # noqa: F401  (setup: the module-level asv hook, seeding)
+from .common import (BACKENDS, D_MODEL, MAX_SCORE_LIMIT, RANK, SCORE_BOUND, Benchmark, best_seconds,
+                     peak_alloc_mib, setup)  # noqa: F401  (setup: the module-level asv hook, seeding)
 
 EXACT_LENGTHS = [64, 256]
 POLY_LENGTHS = [1024, 16384]
@@ -33,6 +33,21 @@ def problem(xp, L, d_head, dtype, *, seed=0):
     """The seeded tensor benchmark problem on ``xp`` in ``dtype``."""
     return make_problem(seed, L=L, d_model=D_MODEL, d_head=d_head, r=RANK, dtype=np.dtype(dtype), xp=xp,
                         score_bound_=SCORE_BOUND)
+
+
+def tensor_bounds(prob) -> tuple[float, float]:
+    """``(M, max |S|)`` of a tensor :func:`problem`: the tensor bound gpulora plans with and the exact
+    maximum score over all triples (NaN beyond :data:`MAX_SCORE_LIMIT` triples). Two host reads."""
+    import math
+
+    from gpulora.tensor.chain import score_bound
+    from gpulora.tensor.diagnose import exact_max_score
+    from gpulora.tensor.grad import prepare
+
+    p = prepare(prob.head, prob.lora, prob.x)
+    lead, L = math.prod(p.q.shape[:-2]), p.q.shape[-2]
+    exact = exact_max_score(p.q, p.k1, p.k2, p.beta) if lead * L**3 <= MAX_SCORE_LIMIT else math.nan
+    return score_bound(p.q, p.k1, p.k2, p.beta), exact
 
 
 def _max_rel_error(result, reference) -> float:
@@ -50,6 +65,9 @@ class TensorExactGrad(Benchmark):
     def setup(self, backend_name, L, d_head, dtype):
         self._prepare(backend_name, L, d_head, dtype)
         self.flops = cost.exact_flops(L, d_head, d_head)
+
+    def bounds(self) -> tuple[float, float]:
+        return tensor_bounds(self.prob)
 
     def _prepare(self, backend_name, L, d_head, dtype):
         xp = self.setup_backend(backend_name)
@@ -100,6 +118,9 @@ class TensorPolyError(Benchmark):
     def setup(self, backend_name, L, d_head, degree, dtype):
         self.prob = problem(self.setup_backend(backend_name), L, d_head, dtype)
         self.degree = degree
+
+    def bounds(self) -> tuple[float, float]:
+        return tensor_bounds(self.prob)
 
     def track_rel_error_poly_vs_exact(self, *params):
         p = self.prob
