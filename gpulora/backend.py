@@ -25,6 +25,7 @@ __all__ = [
     "empty",
     "exp_inplace",
     "host_dtype",
+    "multiply_into",
     "namespace_dtype",
     "has_cuda",
     "is_cupy",
@@ -89,6 +90,19 @@ def namespace_dtype(xp, dtype):
     if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_cupy_namespace(xp):
         return dtype
     return getattr(xp, dtype.name)
+
+
+def multiply_into(out, a, b) -> None:
+    """``out[...] = a * b`` in one pass, without a temporary: the ufunc's ``out=`` on NumPy and CuPy (not
+    in the array API), the assignment elsewhere. ``out`` may alias ``a`` or ``b`` element for element."""
+    if isinstance(out, np.ndarray):
+        np.multiply(a, b, out=out)
+    elif is_cupy(out):
+        import cupy
+
+        cupy.multiply(a, b, out=out)
+    else:
+        out[...] = a * b
 
 
 def to_numpy(x) -> np.ndarray:

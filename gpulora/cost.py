@@ -36,6 +36,9 @@ __all__ = [
 #   poly = median over d_head {4, 8, 16} x g {2, 4} at L = 65536 (2.6 .. 36 GFLOP/s: small k is bound by
 #   elementwise passes and the NumPy feature-map gathers, large k by the BLAS). With these two numbers
 #   "auto" picks the faster method at 29 of the 30 measured points of that grid (BENCHMARKS.md).
+#   Re-checked after the feature-major chain (issue 16), old and new interleaved in one process,
+#   OPENBLAS_NUM_THREADS=1, L = 65536, float64, qkv: poly's rate at d_head {4, 8} x g {2, 4} rose 1.06..1.36x
+#   (to 6.6 / 16.3 / 13.8 / 27.0 GFLOP/s), within the 1.5x this model tolerates, so "poly" stays 1.1e10.
 # cupy: NOT MEASURED (no GPU has been lent to this project yet). The NumPy values are reused only so that
 #   "auto" still chooses by operation count on a GPU; replace them with measured CuPy rates (see the GPU
 #   section of BENCHMARKS.md for what to measure).

@@ -37,6 +37,7 @@ from .poly import causal as causal_chain
 from .poly import chain
 from .poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from .poly.coefficients import DEFAULT_TOL, FAMILIES, PolyChoice, choose
+from .poly.products import row_sums
 from .validation import all_finite, check_bool, check_degree, check_method, check_tol
 
 __all__ = ["GRAD_TOL_FACTOR", "Attention", "Plan", "check_options", "error_estimate", "estimate_from_spread",
@@ -202,10 +203,14 @@ def error_estimate(att: Attention, p: Plan, residual_norm: float) -> float:
     tokens of an adapter gradient (README, "Precision and tolerance"). Cost ``O(L d_v)``, one host read.
     """
     xp = att.xp
-    v = xp.astype(att.v, xp.float64, copy=False)  # (N, H_kv, 1, L, d_v)
-    c = 0.0 if att.softmax_one else xp.mean(v, axis=-2, keepdims=True)
-    spread2 = xp.max(xp.sum((v - c) ** 2, axis=-1), axis=-1)  # [N, H_kv, 1]
-    return estimate_from_spread(p, v.shape[-2] * att.q.shape[2], backend.to_float(xp.sum(spread2)), residual_norm)
+    v = att.v  # (N, H_kv, 1, L, d_v), compute dtype: a float64 copy of it cost more than the check's arithmetic
+    if not att.softmax_one:
+        v = v - (xp.ones((1, v.shape[-2]), dtype=v.dtype) @ v) / max(v.shape[-2], 1)  # minus the mean (BLAS)
+    # max_j |v_j - c|^2 in v's dtype, enlarged by a rounding allowance so that it stays an upper bound
+    rounding = 1.0 + 4.0 * (v.shape[-1] + 2) * float(np.finfo(backend.host_dtype(v)).eps)
+    spread2 = xp.max(row_sums(v * v, xp)[..., 0], axis=-1)  # [N, H_kv, 1]
+    return estimate_from_spread(p, v.shape[-2] * att.q.shape[2], rounding * backend.to_float(xp.sum(spread2)),
+                                residual_norm)
 
 
 def estimate_from_spread(p: Plan, rows: int, spread2: float, residual_norm: float) -> float:

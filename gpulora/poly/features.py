@@ -81,9 +81,10 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
         ``(..., k, L)``, so that every operation streams contiguous rows of length ``L``; the result is the
         transposed view (matmuls take either layout without a copy). From :data:`RUNS_MIN_ROWS` rows (over
         all leading indices) on, parent by parent: the children of each parent are that parent's row times a
-        contiguous slice of the rows of ``z^T`` (:func:`parent_runs`; ``C(d + g - 1, g - 1)`` operations, no
-        gather, no temporary). Below, degree by degree (``g`` gathers of the parents and coordinates):
-        fewer, larger operations, which is what short blocks need.
+        contiguous slice of the rows of ``z^T`` (:func:`parent_runs`; ``C(d + g - 1, g - 1)`` multiplies, each
+        written in place by :func:`gpulora.backend.multiply_into`: no gather, no temporary). Below, degree by
+        degree (``g`` gathers of the parents and coordinates): fewer, larger operations, which short blocks
+        need.
     """
     xp = backend.namespace(z) if xp is None else xp
     lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
@@ -94,8 +95,7 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
     zt = out[..., 1:1 + d, :]
     if math.prod(lead) * L >= RUNS_MIN_ROWS:
         for p, c, start, stop in parent_runs(table.d, table.g)[1:]:  # the first run is degree 1
-            out[..., start:stop, :] = zt[..., c:c + stop - start, :]
-            out[..., start:stop, :] *= out[..., p:p + 1, :]  # in place: no temporary to allocate
+            backend.multiply_into(out[..., start:stop, :], zt[..., c:c + stop - start, :], out[..., p:p + 1, :])
     else:
         starts = table.degree_start
         for m in range(2, table.g + 1):

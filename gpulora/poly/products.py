@@ -11,9 +11,9 @@ Two operations carry the time of the polynomial gradient (docs/math.md section 4
     Cost ``2 L k p q + 2 L p q`` flops.
 
 Both are a GEMM with a block of Kronecker rows, :func:`kron_rows` (``Lb x p q``, materialised one block of
-``L`` at a time), followed for the readout by the per-row contraction :func:`kron_apply`. The chain
-(:mod:`gpulora.poly.chain`) uses these two pieces directly, with the Kronecker block stacked beside the
-other right-hand sides of one GEMM per block. :func:`kron_contract_reference` and
+``L`` at a time), followed for the readout by the per-row contraction :func:`kron_apply`. The causal chain
+(:mod:`gpulora.poly.causal`) uses these two pieces directly; the streamed chain (:mod:`gpulora.poly.chain`)
+holds its blocks feature-major and uses :func:`kron_cols`, the same product over long contiguous rows. :func:`kron_contract_reference` and
 :func:`kron_readout_reference` are the references of the Numba kernels in ``gpulora.kernels.kron``; they
 walk blocks of at most :data:`BLOCK_ELEMENTS` ``L``-rows-times-``p q`` elements and hand the product to the
 BLAS (cuBLAS on CuPy). Extra memory ``O(k p q + BLOCK_ELEMENTS)``.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .. import backend
 
-__all__ = ["BLOCK_ELEMENTS", "kron_apply", "kron_contract", "kron_contract_reference", "kron_readout",
+__all__ = ["BLOCK_ELEMENTS", "kron_apply", "kron_cols", "kron_contract", "kron_contract_reference", "kron_readout",
            "kron_readout_reference", "kron_rows", "row_sums"]
 
 BLOCK_ELEMENTS = 1 << 21
@@ -37,13 +37,21 @@ def kron_rows(a, b, xp=None):
     """Row-wise Kronecker product of ``a (..., L, p)`` and ``b (..., L, q)``: ``(..., L, p q)``, column
     ``c q + e`` holding ``a[..., c] b[..., e]``. Cost ``O(L p q)`` time and memory.
 
-    Built as ``repeat(a) * tile(b)`` on whole ``(..., L, p q)`` arrays: NumPy's broadcast product
-    ``a[..., :, None] * b[..., None, :]`` runs its inner loop over ``q`` elements only and is 3x slower.
+    One broadcast product ``a[..., :, None] * b[..., None, :]`` (measured 2-3x faster in NumPy 2 than
+    ``repeat(a) * tile(b)``, which allocates and fills two ``L x p q`` arrays). Where the caller can hold its
+    rows feature-major, :func:`kron_cols` is several times faster still.
     """
     xp = backend.namespace(a, b) if xp is None else xp
-    out = xp.repeat(a, b.shape[-1], axis=-1)
-    out *= xp.tile(b, (1,) * (b.ndim - 1) + (a.shape[-1],))
-    return out
+    return xp.reshape(a[..., :, None] * b[..., None, :], a.shape[:-1] + (a.shape[-1] * b.shape[-1],))
+
+
+def kron_cols(a, b, xp=None):
+    """The feature-major Kronecker product: ``a (..., p, L)``, ``b (..., q, L)`` to ``(..., p q, L)``, row
+    ``c q + e`` holding ``a[..., c, :] b[..., e, :]``; that is, ``kron_rows(a^T, b^T)^T``. One broadcast
+    product whose inner loop runs over ``L`` contiguous elements (15x faster in NumPy than building the
+    row-major ``L x p q`` array with ``repeat`` and ``tile`` at ``p = q = 9``). Cost ``O(L p q)``."""
+    xp = backend.namespace(a, b) if xp is None else xp
+    return xp.reshape(a[..., :, None, :] * b[..., None, :, :], a.shape[:-2] + (a.shape[-2] * b.shape[-2], a.shape[-1]))
 
 
 def kron_apply(z, a, xp=None):
