@@ -29,7 +29,7 @@ __all__ = [
 # Effective flop rates (flop/s) of each path as a whole: the counts of exact_flops / poly_flops divided by
 # the measured median time, GEMMs, elementwise passes and Python overhead all included. Only their ratio
 # matters for method="auto".
-# numpy: measured by the asv suite (GPULORA_BENCH_FULL=1, the command and tables in BENCHMARKS.md) on the
+# numpy: measured by the asv suite (the scaling study, bench_scaling; command and tables in BENCHMARKS.md) on the
 #   2-core x86-64 machine (Intel Xeon, NumPy 2 with OpenBLAS), float64, targets qkv, d_v = d_head:
 #   exact = median over d_head {4, 8, 16} of the rate at L = 16384 (3.7 / 6.6 / 11.6 GFLOP/s: the
 #   elementwise softmax passes over L^2 scores, not the d_head-proportional GEMMs, dominate there);
