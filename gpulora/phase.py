@@ -28,8 +28,10 @@ from .validation import check_tol
 __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULT_LENGTHS",
+    "MATRIX",
     "Comparison",
     "PhasePoint",
+    "PlotKind",
     "compare",
     "plot",
     "sweep",
@@ -292,13 +294,27 @@ def _pick(values, targets):
     return out
 
 
-def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
+@dataclasses.dataclass(frozen=True)
+class PlotKind:
+    """What differs between the phase plots of matrix and tensor attention (:data:`MATRIX`; the tensor one
+    is ``gpulora.tensor.phase.TENSOR``): the threshold scale, the cost model and the labels."""
+
+    threshold: Any  # L (array) -> threshold scale of the entry bound
+    threshold_label: str
+    model_seconds: Any  # (L, d_head, d_v, k or None, targets, backend, upcast) -> (exact s, poly s or None)
+    bound_label: str
+    cost_title: str
+    title: str
+
+
+def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10), kind: PlotKind | None = None) -> None:
     """Draw the sweep as a PNG: (a) the phase diagram, (b) cost vs ``L`` at a few ``M``, (c) error vs ``M``.
 
     (a) x = ``L`` (log), y = ``M``; marker = the cheaper method at ``tol`` (filled: decided by measured
     wall times, hollow: by the cost model), crosses where no polynomial is usable; the curves
     ``sqrt(log L)`` and ``log L`` and, for float32 inputs, the bound above which the features need float64.
     """
+    kind = MATRIX if kind is None else kind
     from matplotlib.figure import Figure  # no pyplot: no global state, works under any backend
     from matplotlib.lines import Line2D
 
@@ -321,7 +337,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
             colour = {"no_polynomial": "0.55", "rounding": "black", "failed": "tab:purple"}[p.status]
             ax.scatter(p.L, p.bound, s=60, marker="x", color=colour, linewidths=1.5, zorder=3)
     xs = np.geomspace(lengths[0], lengths[-1], 200)
-    ax.plot(xs, np.sqrt(np.log(xs)), "b--", lw=2, zorder=2)
+    ax.plot(xs, kind.threshold(xs), "b--", lw=2, zorder=2)
     ax.plot(xs, np.log(xs), "b-.", lw=2, zorder=2)
     f64 = [p.bound for p in points if p.status == "ok" and p.compute_dtype != p.dtype]
     f32 = [p.bound for p in points if p.status == "ok" and p.compute_dtype == p.dtype]
@@ -339,7 +355,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
     if any(p.status == "failed" for p in points):
         legend.append(Line2D([], [], ls="", marker="x", color="tab:purple", ms=8, mew=1.5,
                              label="poly failed at run time"))
-    legend += [Line2D([], [], color="b", ls="--", lw=2, label="sqrt(log L): threshold scale"),
+    legend += [Line2D([], [], color="b", ls="--", lw=2, label=kind.threshold_label),
                Line2D([], [], color="b", ls="-.", lw=2, label="log L")]
     switch = 0.5 * (max(f32) + min(f64)) if f64 and f32 and p0.dtype != "float64" else None
     if switch is not None:
@@ -349,7 +365,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
                              label=f"above: {p0.dtype} rounding too large,\nfeatures computed in float64"))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length L (tokens, log scale)")
-    ax.set_ylabel("score bound M = beta max|q_i| max|k_j|  (bounds |S_ij|, dimensionless)")
+    ax.set_ylabel(kind.bound_label)
     ax.set_title(f"(a) Cheaper method at tol {p0.tol:g}\n"
                  f"d_head={p0.d_head}, d_v={p0.d_v}, d_model={p0.d_model}, r={p0.rank}, targets {p0.targets}, "
                  f"{p0.dtype}, {p0.backend}", fontsize=10)
@@ -361,7 +377,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
     shown = _pick([b for b in bounds if any(p.bound == b and p.status == "ok" for p in points)] or bounds,
                   cost_bounds)
     ex = sorted({p.L: p for p in points}.values(), key=lambda p: p.L)
-    ex_model = [_model_seconds(p.L, p.d_head, p.d_v, None, p.targets, p.backend, False)[0] for p in ex]
+    ex_model = [kind.model_seconds(p.L, p.d_head, p.d_v, None, p.targets, p.backend, False)[0] for p in ex]
     bx.plot([p.L for p in ex], ex_model, "k-", lw=1.5, label="exact, model")
     meas = [(p.L, p.exact_seconds) for p in ex if p.exact_source == "measured"]
     if meas:
@@ -372,7 +388,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
         if not row:
             continue
         r0 = row[0]
-        model = [_model_seconds(p.L, p.d_head, p.d_v, p.features, p.targets, p.backend,
+        model = [kind.model_seconds(p.L, p.d_head, p.d_v, p.features, p.targets, p.backend,
                                 p.compute_dtype != p.dtype)[1] for p in row]
         bx.plot([p.L for p in row], model, "--", color=c, lw=1.5,
                 label=f"poly M={b:g} (g={r0.degree}, k={r0.features}), model")
@@ -383,7 +399,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
     bx.set_yscale("log")
     bx.set_xlabel("sequence length L (tokens, log scale)")
     bx.set_ylabel(f"time of loss + all adapter gradients (s, {p0.backend})")
-    bx.set_title("(b) Cost vs L: exact O(L^2) vs poly O(L k d_v d_head)", fontsize=10)
+    bx.set_title(kind.cost_title, fontsize=10)
     bx.legend(**below)
     bx.grid(alpha=0.3, which="both")
 
@@ -414,6 +430,15 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
     cx.legend(**{**below, "ncol": 1})
     cx.grid(alpha=0.3, which="both")
 
-    fig.suptitle("gpulora phase transition: polynomial method vs exact attention LoRA gradient", fontsize=13)
+    fig.suptitle(kind.title, fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+MATRIX = PlotKind(
+    threshold=lambda L: np.sqrt(np.log(L)), threshold_label="sqrt(log L): threshold scale",
+    model_seconds=_model_seconds,
+    bound_label="score bound M = beta max|q_i| max|k_j|  (bounds |S_ij|, dimensionless)",
+    cost_title="(b) Cost vs L: exact O(L^2) vs poly O(L k d_v d_head)",
+    title="gpulora phase transition: polynomial method vs exact attention LoRA gradient",
+)
