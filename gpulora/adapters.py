@@ -136,6 +136,9 @@ def prepare(head: Head, lora: LoRA, x, y=None, *, grad_output=None, key_mask=Non
         raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
     if not isinstance(lora, LoRA):
         raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    unknown = [t for t in lora.targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS}")
     if y is not None and grad_output is not None:
         raise ValueError("give y (targets of the loss) or grad_output (an upstream gradient), not both")
     check_real_array("x", x, ndim=(2, 3), half=True)

@@ -152,17 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "to --error-max-L, and which method is cheaper. Writes the picture to --out and "
                            "the numbers to the same stem with .csv.")
     phase.add_argument("--out", required=True, help="output PNG path (the CSV goes beside it)")
+    phase.add_argument("--attention", choices=("matrix", "tensor"), default="matrix",
+                       help="matrix (softmax) attention, or the tensor attention of Alman & Song over key "
+                            "pairs (gpulora.tensor; all five targets q,k1,k2,v1,v2; threshold cbrt(log L)) "
+                            "(default matrix)")
     from .phase import DEFAULT_BOUNDS, DEFAULT_LENGTHS, DEFAULT_MAX_FEATURE_ELEMENTS
 
-    phase.add_argument("--bounds", type=_list_of(_positive_float), default=list(DEFAULT_BOUNDS),
-                       help="comma-separated score bounds M (default %(default)s)")
-    phase.add_argument("--lengths", type=_list_of(_positive_int), default=list(DEFAULT_LENGTHS),
-                       help="comma-separated sequence lengths L (default 2^7 .. 2^20, powers of 2)")
+    phase.add_argument("--bounds", type=_list_of(_positive_float), default=None,
+                       help=f"comma-separated score bounds M (default {','.join(map(str, DEFAULT_BOUNDS))}; "
+                            f"tensor: 0.25 .. 16)")
+    phase.add_argument("--lengths", type=_list_of(_positive_int), default=None,
+                       help="comma-separated sequence lengths L (default 2^7 .. 2^20, powers of 2; tensor: "
+                            "2^5 .. 2^16)")
     _problem_options(phase, L=None, d_model=32, d_head=4, d_v=4, bound=None)
-    phase.add_argument("--time-max-L", type=_positive_int, default=8192,
-                       help="measure wall times up to this L, model beyond (default 8192)")
-    phase.add_argument("--error-max-L", type=_positive_int, default=2048,
-                       help="measure the poly gradient error against exact up to this L (default 2048)")
+    phase.add_argument("--time-max-L", type=_positive_int, default=None,
+                       help="measure exact wall times up to this L, model beyond (default 8192; tensor 256)")
+    phase.add_argument("--error-max-L", type=_positive_int, default=None,
+                       help="measure the poly gradient error against exact up to this L (default 2048; "
+                            "tensor 128)")
     phase.add_argument("--max-feature-elements", type=_positive_int, default=DEFAULT_MAX_FEATURE_ELEMENTS,
                        help="run poly only while L*k is at most this (default 2^24)")
     phase.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -305,14 +312,31 @@ def _phase(args) -> int:
         raise CLIError(f"--out: folder {folder} does not exist")
     xp = _xp(args.backend)
     t0 = time.perf_counter()
-    with _rejected_values():
-        points = sweep(args.bounds, args.lengths, tol=args.tol, d_model=args.d_model, d_head=args.d_head,
-                       d_v=args.d_v, rank=args.rank, targets=args.targets, dtype=np.dtype(args.dtype), xp=xp,
-                       seed=args.seed, time_max_L=args.time_max_L, error_max_L=args.error_max_L,
-                       max_feature_elements=args.max_feature_elements, progress=not args.no_progress)
+    if args.attention == "tensor":
+        from .tensor import phase as tensor_phase
+
+        kind = tensor_phase.TENSOR
+        with _rejected_values():
+            points = tensor_phase.sweep(
+                args.bounds or tensor_phase.DEFAULT_BOUNDS, args.lengths or tensor_phase.DEFAULT_LENGTHS,
+                tol=args.tol, d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, rank=args.rank,
+                dtype=np.dtype(args.dtype), xp=xp, seed=args.seed, time_max_L=args.time_max_L or 256,
+                error_max_L=args.error_max_L or 128, max_feature_elements=args.max_feature_elements,
+                progress=not args.no_progress)
+    else:
+        from .phase import DEFAULT_BOUNDS, DEFAULT_LENGTHS, MATRIX
+
+        kind = MATRIX
+        with _rejected_values():
+            points = sweep(args.bounds or DEFAULT_BOUNDS, args.lengths or DEFAULT_LENGTHS, tol=args.tol,
+                           d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, rank=args.rank,
+                           targets=args.targets, dtype=np.dtype(args.dtype), xp=xp, seed=args.seed,
+                           time_max_L=args.time_max_L or 8192, error_max_L=args.error_max_L or 2048,
+                           max_feature_elements=args.max_feature_elements,
+                           progress=not args.no_progress)
     csv_path = stem + ".csv"
     write_csv(points, csv_path)
-    plot(points, out)
+    plot(points, out, kind=kind)
     measured = sum(p.basis == "measured" for p in points)
     print(f"{len(points)} points ({measured} decided by measured wall time, the rest by the cost model) "
           f"in {time.perf_counter() - t0:.1f} s")

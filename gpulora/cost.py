@@ -29,7 +29,7 @@ __all__ = [
 # Effective flop rates (flop/s) of each path as a whole: the counts of exact_flops / poly_flops divided by
 # the measured median time, GEMMs, elementwise passes and Python overhead all included. Only their ratio
 # matters for method="auto".
-# numpy: measured by the asv suite (GPULORA_BENCH_FULL=1, the command and tables in BENCHMARKS.md) on the
+# numpy: measured by the asv suite (the scaling study, bench_scaling; command and tables in BENCHMARKS.md) on the
 #   2-core x86-64 machine (Intel Xeon, NumPy 2 with OpenBLAS), float64, targets qkv, d_v = d_head:
 #   exact = median over d_head {4, 8, 16} of the rate at L = 16384 (3.7 / 6.6 / 11.6 GFLOP/s: the
 #   elementwise softmax passes over L^2 scores, not the d_head-proportional GEMMs, dominate there);
@@ -39,12 +39,15 @@ __all__ = [
 #   Re-checked after the feature-major chain (issue 16), old and new interleaved in one process,
 #   OPENBLAS_NUM_THREADS=1, L = 65536, float64, qkv: poly's rate at d_head {4, 8} x g {2, 4} rose 1.06..1.36x
 #   (to 6.6 / 16.3 / 13.8 / 27.0 GFLOP/s), within the 1.5x this model tolerates, so "poly" stays 1.1e10.
-# cupy: NOT MEASURED (no GPU has been lent to this project yet). The NumPy values are reused only so that
-#   "auto" still chooses by operation count on a GPU; replace them with measured CuPy rates (see the GPU
-#   section of BENCHMARKS.md for what to measure).
+# cupy: measured on an NVIDIA H200 by asv_bench/gpu_run.sh (the GPU section of BENCHMARKS.md), float32,
+#   8 heads, forward + backward, M = 1: exact 3.2..3.7 TFLOP/s at d_head 16 and 10.6..12.4 at d_head 64
+#   (L = 4096, 16384), median 7e12; poly at g = 2 1.2..2.0 TFLOP/s at d_head 16 (k = 153, launch- and
+#   elementwise-bound) and 19.6..22.6 at d_head 64 (k = 2145, GEMM-bound), median 1e13. One rate per path
+#   mis-states small-k poly by up to 8x, so "auto" on a GPU can pick the slower method near the crossover
+#   (at most about 1.3x slower at the measured points).
 RATES = {
     "numpy": {"exact": 6.6e9, "poly": 1.1e10},
-    "cupy": {"exact": 6.6e9, "poly": 1.1e10},
+    "cupy": {"exact": 7e12, "poly": 1e13},
 }
 # Elementwise work per score in the exact path (scale, mask, max, exp, normalise, P): flop-equivalents.
 _EXACT_ELEMENTWISE = 12

@@ -15,10 +15,12 @@ from typing import Any, Mapping
 from . import backend
 from .validation import check_alpha, check_beta, check_bool, check_finite, check_int, check_real_array
 
-__all__ = ["TARGETS", "AccuracyWarning", "AdapterGrad", "AttentionGrad", "GradResult", "Head", "LoRA",
-           "check_parameters"]
+__all__ = ["KNOWN_TARGETS", "TARGETS", "TENSOR_TARGETS", "AccuracyWarning", "AdapterGrad", "AttentionGrad", "GradResult",
+           "Head", "LoRA", "check_parameters"]
 
 TARGETS = ("q", "k", "v")
+TENSOR_TARGETS = ("q", "k1", "k2", "v1", "v2")  # gpulora.tensor.TensorHead
+KNOWN_TARGETS = TARGETS + TENSOR_TARGETS[1:]  # what LoRA accepts; each head checks its own
 
 
 class AccuracyWarning(UserWarning):
@@ -135,7 +137,7 @@ class Head:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoRA:
-    """Low-rank adapters ``W = W0 + (alpha / r) B @ A`` for a non-empty subset of the targets q, k, v.
+    """Low-rank adapters ``W = W0 + (alpha / r) B @ A`` for a non-empty subset of the targets of a head.
 
     Parameters
     ----------
@@ -143,6 +145,8 @@ class LoRA:
         Target name (``"q"``, ``"k"``, ``"v"``) to a pair ``B (d_model, r)``, ``A (r, d_out)``; ``r`` may
         differ between targets. ``{"q", "v"}`` is the paper's partial adaptation, ``{"q", "k", "v"}`` its
         full adaptation. PEFT: ``B = lora_A.weight.T``, ``A = lora_B.weight.T``.
+        Tensor heads (:class:`gpulora.tensor.TensorHead`) take ``"q"``, ``"k1"``, ``"k2"``, ``"v1"``,
+        ``"v2"`` instead; each head checks the targets it has.
     alpha : float
         LoRA scaling numerator; the scaling of an adapter of rank ``r`` is ``alpha / r``.
     """
@@ -155,9 +159,10 @@ class LoRA:
             raise TypeError(f"adapters must be a dict of target -> (B, A), got {type(self.adapters).__name__}")
         if not self.adapters:
             raise ValueError(f"adapters must name at least one target of {TARGETS}")
-        unknown = [t for t in self.adapters if t not in TARGETS]
+        unknown = [t for t in self.adapters if t not in KNOWN_TARGETS]
         if unknown:
-            raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS}")
+            raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS} "
+                             f"(or of {TENSOR_TARGETS} for a tensor head)")
         arrays = []
         for t, pair in self.adapters.items():
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -173,11 +178,11 @@ class LoRA:
             arrays += [b, a]
         backend.namespace(*arrays)
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        object.__setattr__(self, "adapters", {t: tuple(self.adapters[t]) for t in TARGETS if t in self.adapters})
+        object.__setattr__(self, "adapters", {t: tuple(self.adapters[t]) for t in KNOWN_TARGETS if t in self.adapters})
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """The adapted targets, in q, k, v order."""
+        """The adapted targets, in q, k, v (then k1, k2, v1, v2) order."""
         return tuple(self.adapters)
 
     def scaling(self, target: str) -> float:

@@ -32,9 +32,11 @@ from .validation import check_tol
 __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULT_LENGTHS",
+    "MATRIX",
     "Comparison",
     "PhasePoint",
     "boundary_text",
+    "PlotKind",
     "compare",
     "csv_digest",
     "csv_text",
@@ -424,9 +426,23 @@ def _pick(values, targets):
     return out
 
 
-def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
+@dataclasses.dataclass(frozen=True)
+class PlotKind:
+    """What differs between the phase plots of matrix and tensor attention (:data:`MATRIX`; the tensor one
+    is ``gpulora.tensor.phase.TENSOR``): the threshold scale, the cost model and the labels."""
+
+    threshold: Any  # L (array) -> threshold scale of the entry bound
+    threshold_label: str
+    model_seconds: Any  # (L, d_head, d_v, k or None, targets, backend, upcast) -> (exact s, poly s or None)
+    bound_label: str
+    cost_title: str
+    title: str
+
+
+def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10), kind: PlotKind | None = None) -> None:
     """Draw the sweep as a PNG 880 pixels wide, three panels stacked: (a) the phase diagram, (b) cost vs
-    ``L`` at a few ``M``, (c) error vs ``M``. The PNG's ``Source`` text holds :func:`csv_digest`.
+    ``L`` at a few ``M``, (c) error vs ``M``. The PNG's ``Source`` text holds :func:`csv_digest`. ``kind``
+    (default :data:`MATRIX`) holds the threshold scale, cost model and labels (tensor attention has its own).
 
     (a) x = ``L``, y = ``M`` (both log); marker = the cheaper method at ``tol`` (filled: decided by
     measured wall times, hollow: by the cost model), crosses where no polynomial is usable; the curves
@@ -435,6 +451,7 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
     in float64, as two curves (filled where that precision is the one used), and the measured gradient
     errors. Needs matplotlib (``gpulora[plot]``).
     """
+    kind = MATRIX if kind is None else kind
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, works under any backend
 
@@ -444,10 +461,10 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10)) -> None:
     with matplotlib.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
         fig = Figure(figsize=(8.8, 19.5), layout="constrained")
         ax, bx, cx = fig.subplots(3, 1, height_ratios=[1.25, 1, 1])
-        _plot_phase(ax, points, bounds, lengths)
-        _plot_cost(bx, points, bounds, cost_bounds)
+        _plot_phase(ax, points, bounds, lengths, kind)
+        _plot_cost(bx, points, bounds, cost_bounds, kind)
         _plot_error(cx, points, bounds)
-        fig.suptitle(f"gpulora: polynomial method vs exact LoRA gradient, tol {p0.tol:g}\n"
+        fig.suptitle(f"{kind.title}, tol {p0.tol:g}\n"
                      f"d_head={p0.d_head}, d_v={p0.d_v}, d_model={p0.d_model}, r={p0.rank}, targets "
                      f"{p0.targets}, {p0.dtype}, {p0.backend}", fontsize=13)
         fig.savefig(path, dpi=100, metadata={"Source": f"gpulora phase; csv sha256 {csv_digest(points)}"})
@@ -477,7 +494,7 @@ def _log_bound_axis(axis, bounds):
     axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
-def _plot_phase(ax, points, bounds, lengths):
+def _plot_phase(ax, points, bounds, lengths, kind):
     from matplotlib.lines import Line2D
 
     style = {"poly": ("o", "tab:green"), "exact": ("s", "tab:red")}
@@ -490,7 +507,7 @@ def _plot_phase(ax, points, bounds, lengths):
             colour = {"no_polynomial": "0.55", "rounding": "black", "failed": "tab:purple"}[p.status]
             ax.scatter(p.L, p.bound, s=55, marker="x", color=colour, linewidths=1.5, zorder=3)
     xs = np.geomspace(lengths[0], lengths[-1], 200)
-    ax.plot(xs, np.sqrt(np.log(xs)), "b--", lw=2, zorder=2)
+    ax.plot(xs, kind.threshold(xs), "b--", lw=2, zorder=2)
     ax.plot(xs, np.log(xs), "b-.", lw=2, zorder=2)
     legend = [
         Line2D([], [], ls="", marker="o", color="tab:green", ms=8, label="poly cheaper"),
@@ -506,7 +523,7 @@ def _plot_phase(ax, points, bounds, lengths):
     if any(p.status == "failed" for p in points):
         legend.append(Line2D([], [], ls="", marker="x", color="tab:purple", ms=8, mew=1.5,
                              label="poly failed at run time"))
-    legend += [Line2D([], [], color="b", ls="--", lw=2, label="sqrt(log L): the threshold scale"),
+    legend += [Line2D([], [], color="b", ls="--", lw=2, label=kind.threshold_label),
                Line2D([], [], color="b", ls="-.", lw=2, label="log L")]
     switch = _float64_switch(points)
     if switch is not None:
@@ -518,17 +535,17 @@ def _plot_phase(ax, points, bounds, lengths):
     _log_bound_axis(ax.yaxis, bounds)
     ax.set_ylim(min(bounds) / 1.25, max(bounds) * 1.25)
     ax.set_xlabel("sequence length L (tokens)")
-    ax.set_ylabel("score bound M = beta max|q_i| max|k_j|")
+    ax.set_ylabel(kind.bound_label)
     ax.set_title("(a) Which method is cheaper")
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
 
 
-def _plot_cost(bx, points, bounds, cost_bounds):
+def _plot_cost(bx, points, bounds, cost_bounds, kind):
     shown = _pick([b for b in bounds if any(p.bound == b and p.status == "ok" for p in points)] or bounds,
                   cost_bounds)
     ex = sorted({p.L: p for p in points}.values(), key=lambda p: p.L)
-    ex_model = [_model_seconds(p.L, p.d_head, p.d_v, None, p.targets, p.backend, False)[0] for p in ex]
+    ex_model = [kind.model_seconds(p.L, p.d_head, p.d_v, None, p.targets, p.backend, False)[0] for p in ex]
     bx.plot([p.L for p in ex], ex_model, "k-", lw=1.5, label="exact, model")
     meas = [(p.L, p.exact_seconds) for p in ex if p.exact_source == "measured"]
     if meas:
@@ -539,7 +556,7 @@ def _plot_cost(bx, points, bounds, cost_bounds):
         if not row:
             continue
         r0 = row[0]
-        model = [_model_seconds(p.L, p.d_head, p.d_v, p.features, p.targets, p.backend,
+        model = [kind.model_seconds(p.L, p.d_head, p.d_v, p.features, p.targets, p.backend,
                                 p.compute_dtype != p.dtype)[1] for p in row]
         bx.plot([p.L for p in row], model, "--", color=c, lw=1.5,
                 label=f"poly M={b:g} (g={r0.degree}, k={r0.features}), model")
@@ -550,7 +567,7 @@ def _plot_cost(bx, points, bounds, cost_bounds):
     bx.set_yscale("log")
     bx.set_xlabel("sequence length L (tokens)")
     bx.set_ylabel(f"seconds, loss + all gradients ({points[0].backend})")
-    bx.set_title("(b) Cost vs L: exact O(L^2), poly O(L k d_v d_head)")
+    bx.set_title(kind.cost_title)
     bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     bx.grid(alpha=0.3, which="both")
 
@@ -589,3 +606,12 @@ def _plot_error(cx, points, bounds):
     cx.set_title("(c) Error of the polynomial method vs M\n(gradients: worst adapter B or A against exact)")
     cx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     cx.grid(alpha=0.3, which="both")
+
+
+MATRIX = PlotKind(
+    threshold=lambda L: np.sqrt(np.log(L)), threshold_label="sqrt(log L): threshold scale",
+    model_seconds=_model_seconds,
+    bound_label="score bound M = beta max|q_i| max|k_j|  (bounds |S_ij|, dimensionless)",
+    cost_title="(b) Cost vs L: exact O(L^2) vs poly O(L k d_v d_head)",
+    title="gpulora phase transition: polynomial method vs exact attention LoRA gradient",
+)

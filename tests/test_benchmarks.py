@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -53,7 +54,7 @@ def _benchmark_classes():
         mod = _module(name)
         for cls_name, cls in sorted(vars(mod).items()):
             if (isinstance(cls, type) and cls.__module__ == mod.__name__ and not cls_name.startswith("_")
-                    and any(m.startswith(PREFIXES) for m in dir(cls))):  # asv skips private names too
+                    and not inspect.isabstract(cls) and any(m.startswith(PREFIXES) for m in dir(cls))):
                 yield pytest.param(mod, cls, id=f"{name}.{cls_name}")
 
 

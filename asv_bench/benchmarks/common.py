@@ -19,6 +19,7 @@ comparisons with PyTorch on real-head shapes.
 
 from __future__ import annotations
 
+import abc
 import math
 import timeit
 import tracemalloc
@@ -152,10 +153,12 @@ def row_bounds(z) -> tuple[float, float]:
     return m, m
 
 
-class Benchmark:
+class Benchmark(abc.ABC):
     """Base class: ``backend`` is the first parameter; ``setup_backend`` resolves it (or skips).
 
-    Subclasses set ``params`` / ``param_names`` with ``BACKENDS`` / ``"backend"`` first.
+    Subclasses set ``params`` / ``param_names`` with ``BACKENDS`` / ``"backend"`` first and define
+    ``setup``. The class is abstract so that asv, which scans every class a module holds (this one is
+    imported into each), does not take its ``track_`` methods for benchmarks of its own.
     """
 
     timer = timeit.default_timer
@@ -170,6 +173,10 @@ class Benchmark:
     timeout = 600
 
     causal = False  # whether the benchmarked call masks j > i (max |S| then runs over j <= i)
+
+    @abc.abstractmethod
+    def setup(self, *params):
+        """Build the inputs of one parameter combination; raise ``NotImplementedError`` to skip it."""
 
     def setup_backend(self, name):
         self.xp = array_module(name)

@@ -62,12 +62,18 @@ def test_one_ptx_per_kernel_and_signature(ptx, kernels):
 
 
 def test_arithmetic_is_in_the_signature_dtype(ptx):
-    """Typed accumulators: float32 kernels do no float64 arithmetic, float64 kernels do theirs in f64."""
+    """float64 kernels compute in f64; float32 kernels multiply in f32, and the Kronecker products add their
+    long sums over L in f64 accumulators (kernels/kron.py: float32 sums lost 3x to cuBLAS on an H200)."""
     _, texts = ptx
     for key, text in texts.items():
         body = text[text.index(".entry"):]
-        ops = set(re.findall(r"\b(?:mul|fma|add)(?:\.rn)?\.(f32|f64)\b", body))
-        assert ops == ({"f32"} if key.endswith("[float32]") else {"f64"}), (key, ops)
+        ops = set(re.findall(r"\b((?:mul|fma|add)(?:\.rn)?)\.(f32|f64)\b", body))
+        if key.endswith("[float64]"):
+            assert {t for _, t in ops} == {"f64"}, (key, ops)
+        elif key.startswith("feature_map"):
+            assert ops == {("mul", "f32")}, (key, ops)
+        else:
+            assert ops == {("mul", "f32"), ("add", "f64")}, (key, ops)
 
 
 def test_static_shared_memory_fits_and_nothing_spills_to_local(ptx):
