@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..diagnose import Diagnosis
+from ..diagnosis import Diagnosis
 from ..model import LoRA
 from ..poly.coefficients import DEFAULT_TOL, choose
 from ..validation import check_tol
