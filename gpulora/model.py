@@ -209,6 +209,20 @@ class LoRA:
         return out
 
 
+def check_call_types(head, lora, head_type: type, head_name: str, targets=None, where: str = "") -> None:
+    """``TypeError`` unless ``head`` is a ``head_type`` (named ``head_name`` in the message) and ``lora`` a
+    :class:`LoRA`; with ``targets``, ``ValueError`` when ``lora`` adapts a target outside them (``where`` is
+    appended to the name of the fault)."""
+    if not isinstance(head, head_type):
+        raise TypeError(f"head must be a {head_name}, got {type(head).__name__}")
+    if not isinstance(lora, LoRA):
+        raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    if targets is not None:
+        unknown = [t for t in lora.targets if t not in targets]
+        if unknown:
+            raise ValueError(f"adapters has unknown targets {unknown}{where}; expected a subset of {targets}")
+
+
 def check_parameters(head: Head, lora: LoRA) -> None:
     """Re-check at call time that the weights and adapters are finite: they may have been changed in place
     since :class:`Head` and :class:`LoRA` were built (the usual training loop updates ``B`` and ``A`` in
