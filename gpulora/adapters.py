@@ -34,7 +34,7 @@ import numpy as np
 
 from . import backend
 from .dispatch import Attention
-from .model import TARGETS, AdapterGrad, Head, LoRA
+from .model import TARGETS, AdapterGrad, Head, LoRA, check_call_types
 from .rotary import apply_rotary, rotary_tables, rotary_transpose
 from .validation import check_key_mask, check_real_array, compute_dtype, result_dtype
 
@@ -132,13 +132,7 @@ def prepare(head: Head, lora: LoRA, x, y=None, *, grad_output=None, key_mask=Non
 
     Nothing is modified; every check names its argument.
     """
-    if not isinstance(head, Head):
-        raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
-    if not isinstance(lora, LoRA):
-        raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
-    unknown = [t for t in lora.targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"adapters has unknown targets {unknown}; expected a subset of {TARGETS}")
+    check_call_types(head, lora, Head, "gpulora.Head", TARGETS)
     if y is not None and grad_output is not None:
         raise ValueError("give y (targets of the loss) or grad_output (an upstream gradient), not both")
     check_real_array("x", x, ndim=(2, 3), half=True)

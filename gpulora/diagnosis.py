@@ -110,6 +110,18 @@ def _regime(m: float, threshold: float, log_L: float) -> str:
     return "above the threshold (M > log L): no sub-quadratic algorithm is expected (SETH); use exact"
 
 
+def _choice_fields(choice, compute, d_head: int) -> dict:
+    """The polynomial fields of a diagnosis (``family`` .. ``rounding_error``); all None without a choice."""
+    return dict(
+        family=None if choice is None else choice.family,
+        degree=None if choice is None else choice.degree,
+        features=None if choice is None else choice.features(d_head),
+        compute_dtype=None if compute is None else str(compute),
+        approx_error=None if choice is None else choice.approx_error,
+        rounding_error=None if choice is None else choice.rounding_error(compute),
+    )
+
+
 def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     """Where this problem sits relative to the phase transition, and which method it should use.
 
@@ -184,12 +196,7 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
         L=L, batch=batch, heads=heads, d_head=d_head, d_v=d_v, beta=prob.beta, dtype=str(dtype),
         bound=m, max_score=max_score, threshold=threshold, log_L=log_L,
         regime=_regime(m, threshold, log_L), tol=tol,
-        family=None if choice is None else choice.family,
-        degree=None if choice is None else choice.degree,
-        features=None if choice is None else choice.features(d_head),
-        compute_dtype=None if compute is None else str(compute),
-        approx_error=None if choice is None else choice.approx_error,
-        rounding_error=None if choice is None else choice.rounding_error(compute),
+        **_choice_fields(choice, compute, d_head),
         exact_flops=e_flops, poly_flops=p_flops, exact_seconds=e_sec, poly_seconds=p_sec,
         recommended=recommended, notes=tuple(notes),
     )

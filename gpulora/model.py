@@ -32,6 +32,29 @@ class AccuracyWarning(UserWarning):
     """
 
 
+def check_rows(head, names) -> int:
+    """Check the frozen weights ``names`` of ``head`` share ``d_model >= 1`` rows (those of ``names[0]``) and
+    return ``d_model``; ``ValueError`` naming the weight otherwise."""
+    first = names[0]
+    d_model = getattr(head, first).shape[0]
+    if d_model < 1:
+        raise ValueError(f"{first} must have d_model >= 1 rows, got shape {tuple(getattr(head, first).shape)}")
+    for name in names[1:]:
+        if getattr(head, name).shape[0] != d_model:
+            raise ValueError(f"{name} must have d_model = {d_model} rows like {first}, got shape "
+                             f"{tuple(getattr(head, name).shape)}")
+    return d_model
+
+
+def check_columns(head, groups, detail: str = "") -> None:
+    """Check each ``(name, label, n)`` of ``groups``: the weight ``name`` of ``head`` has a positive multiple of
+    ``n`` columns; ``ValueError`` naming it otherwise (``detail`` is appended to the message)."""
+    for name, label, n in groups:
+        cols = getattr(head, name).shape[1]
+        if cols == 0 or cols % n:
+            raise ValueError(f"{name} must have a positive multiple of {label} = {n} columns{detail}, got {cols}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Head:
     """Frozen pretrained weights of one attention head (or of ``heads`` heads sharing the input).
@@ -83,19 +106,8 @@ class Head:
                              f"serves an equal group of query heads)")
         object.__setattr__(self, "kv_heads", kv)
         object.__setattr__(self, "softmax_one", check_bool("softmax_one", self.softmax_one))
-        d_model = self.w_q.shape[0]
-        if d_model < 1:
-            raise ValueError(f"w_q must have d_model >= 1 rows, got shape {tuple(self.w_q.shape)}")
-        for name in ("w_k", "w_v"):
-            if getattr(self, name).shape[0] != d_model:
-                raise ValueError(
-                    f"{name} must have d_model = {d_model} rows like w_q, got shape {getattr(self, name).shape}"
-                )
-        for name, label, n in (("w_q", "heads", self.heads), ("w_v", "kv_heads", kv)):
-            cols = getattr(self, name).shape[1]
-            if cols == 0 or cols % n:
-                raise ValueError(f"{name} must have a positive multiple of {label} = {n} columns (one group per "
-                                 f"head), got {cols}")
+        d_model = check_rows(self, ("w_q", "w_k", "w_v"))
+        check_columns(self, (("w_q", "heads", self.heads), ("w_v", "kv_heads", kv)), " (one group per head)")
         want_k = (d_model, kv * self.d_head)
         if tuple(self.w_k.shape) != want_k:
             raise ValueError(f"w_k must have shape {want_k} (kv_heads = {kv} heads of d_head = {self.d_head}), "
@@ -195,6 +207,20 @@ class LoRA:
         for t, (b, a) in self.adapters.items():
             out[f"adapters[{t!r}] B"], out[f"adapters[{t!r}] A"] = b, a
         return out
+
+
+def check_call_types(head, lora, head_type: type, head_name: str, targets=None, where: str = "") -> None:
+    """``TypeError`` unless ``head`` is a ``head_type`` (named ``head_name`` in the message) and ``lora`` a
+    :class:`LoRA`; with ``targets``, ``ValueError`` when ``lora`` adapts a target outside them (``where`` is
+    appended to the name of the fault)."""
+    if not isinstance(head, head_type):
+        raise TypeError(f"head must be a {head_name}, got {type(head).__name__}")
+    if not isinstance(lora, LoRA):
+        raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    if targets is not None:
+        unknown = [t for t in lora.targets if t not in targets]
+        if unknown:
+            raise ValueError(f"adapters has unknown targets {unknown}{where}; expected a subset of {targets}")
 
 
 def check_parameters(head: Head, lora: LoRA) -> None:

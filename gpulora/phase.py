@@ -225,6 +225,36 @@ def _model_seconds(L, d_head, d_v, k, targets, name, upcast):
     return te, tp
 
 
+def _point(L, te, tp, te_model, tp_model, err, choice, compute, k, **fields) -> PhasePoint:
+    """One :class:`PhasePoint` of a sweep: measured seconds ``te``/``tp`` (None: not measured, the cost
+    model's ``te_model``/``tp_model`` stand in), the winner and its basis, the polynomial's fields from
+    ``choice`` (None: no polynomial reaches tol) and the problem's ``fields`` (bound .. status,
+    ``sqrt_log_L``: the threshold scale of the caller's attention)."""
+    e_src = "model" if te is None else "measured"
+    p_src = None if k is None else ("model" if tp is None else "measured")
+    te = te_model if te is None else te
+    tp = tp_model if (tp is None and k is not None) else tp
+    if fields["status"] != "ok" or tp is None:
+        winner, basis = "exact", "infeasible"
+    elif e_src == p_src == "measured":
+        winner, basis = ("poly" if tp < te else "exact"), "measured"
+    else:
+        winner, basis = ("poly" if tp_model < te_model else "exact"), "model"
+    return PhasePoint(
+        L=int(L), **fields,
+        family=None if choice is None else choice.family,
+        degree=None if choice is None else choice.degree, features=k,
+        compute_dtype=None if compute is None else np.dtype(compute).name,
+        approx_error=None if choice is None else choice.approx_error,
+        rounding_error=None if choice is None else choice.rounding_error(compute),
+        rounding_error_float32=None if choice is None else choice.rounding_error(np.float32),
+        rounding_error_float64=None if choice is None else choice.rounding_error(np.float64),
+        exact_seconds=te, exact_source=e_src, poly_seconds=tp, poly_source=p_src,
+        winner=winner, basis=basis, grad_error=err,
+        log_L=math.log(max(L, 2)),
+    )
+
+
 def sweep(bounds: Sequence[float] = DEFAULT_BOUNDS, lengths: Sequence[int] = DEFAULT_LENGTHS, *, tol=None,
           d_model=32, d_head=4, d_v=4, rank=8, targets="qkv", dtype=np.float32, xp=np, seed=0,
           time_max_L=8192, error_max_L=2048, max_feature_elements=DEFAULT_MAX_FEATURE_ELEMENTS,
@@ -290,29 +320,11 @@ def sweep(bounds: Sequence[float] = DEFAULT_BOUNDS, lengths: Sequence[int] = DEF
                     exact_time.setdefault(L, te)
             if te is None:
                 te = exact_time.get(L)
-            e_src = "model" if te is None else "measured"
-            p_src = None if k is None else ("model" if tp is None else "measured")
-            te = te_model if te is None else te
-            tp = tp_model if (tp is None and k is not None) else tp
-            if point_status != "ok" or tp is None:
-                winner, basis = "exact", "infeasible"
-            elif e_src == p_src == "measured":
-                winner, basis = ("poly" if tp < te else "exact"), "measured"
-            else:
-                winner, basis = ("poly" if tp_model < te_model else "exact"), "model"
-            points.append(PhasePoint(
-                bound=float(m), L=int(L), tol=tol, dtype=dtype.name, backend=name, d_model=d_model,
-                d_head=d_head, d_v=d_v, rank=rank, targets=targets, status=point_status,
-                family=None if choice is None else choice.family,
-                degree=None if choice is None else choice.degree, features=k,
-                compute_dtype=None if compute is None else np.dtype(compute).name,
-                approx_error=None if choice is None else choice.approx_error,
-                rounding_error=None if choice is None else choice.rounding_error(compute),
-                rounding_error_float32=None if choice is None else choice.rounding_error(np.float32),
-                rounding_error_float64=None if choice is None else choice.rounding_error(np.float64),
-                exact_seconds=te, exact_source=e_src, poly_seconds=tp, poly_source=p_src,
-                winner=winner, basis=basis, grad_error=err,
-                sqrt_log_L=cost.log_threshold(L), log_L=math.log(max(L, 2)),
+            points.append(_point(
+                L, te, tp, te_model, tp_model, err, choice, compute, k, bound=float(m), tol=tol,
+                dtype=dtype.name, backend=name, d_model=d_model, d_head=d_head, d_v=d_v, rank=rank,
+                targets=targets, status=point_status,
+                sqrt_log_L=cost.log_threshold(L),
             ))
             bar.update()
     bar.close()

@@ -30,6 +30,23 @@ class Problem:
     y: Any
 
 
+def _random_arrays(seed, names, targets, *, L, d_model, d_head, d_v, r, batch, heads):
+    """``(x, w, adapters, y)`` float64 NumPy draws of a random problem, in this order from ``seed``: unit rows
+    ``x`` of shape ``(batch?, L, d_model)``; Gaussian weights ``w[t]`` of variance ``1 / d_model`` for each
+    name ``t`` of ``names`` (``heads * d_v`` columns for names starting with ``"v"``, else ``heads * d_head``);
+    non-zero adapters ``(B, A)`` for each of ``targets``; targets ``y`` of shape ``(batch?, L, heads * d_v)``."""
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    x = rng.standard_normal(lead + (L, d_model))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    w = {t: rng.standard_normal((d_model, heads * (d_v if t.startswith("v") else d_head))) / math.sqrt(d_model)
+         for t in names}
+    adapters = {t: (rng.standard_normal((d_model, r)) / math.sqrt(d_model),
+                    rng.standard_normal((r, w[t].shape[1])) / math.sqrt(r)) for t in targets}
+    y = rng.standard_normal(lead + (L, heads * d_v))
+    return x, w, adapters, y
+
+
 def make_problem(seed=0, *, L=64, d_model=16, d_head=8, d_v=None, r=4, targets="qv", batch=None, heads=1,
                  dtype=np.float64, xp=np, score_bound=None, beta=None, softmax_one=False, alpha=None) -> Problem:
     """A random problem, optionally scaled so that ``beta * max|q_i| * max|k_j|`` equals ``score_bound``.
@@ -41,19 +58,13 @@ def make_problem(seed=0, *, L=64, d_model=16, d_head=8, d_v=None, r=4, targets="
     """
     if score_bound is not None and not score_bound > 0:
         raise ValueError(f"score_bound must be a float > 0, got {score_bound!r}")
-    rng = np.random.default_rng(seed)
     d_v = d_head if d_v is None else d_v
-    lead = () if batch is None else (batch,)
-    x = rng.standard_normal(lead + (L, d_model))
-    x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    w = {t: rng.standard_normal((d_model, heads * (d_v if t == "v" else d_head))) / math.sqrt(d_model)
-         for t in "qkv"}
-    adapters = {t: (rng.standard_normal((d_model, r)) / math.sqrt(d_model),
-                    rng.standard_normal((r, w[t].shape[1])) / math.sqrt(r)) for t in targets}
+    x, w, adapters, y = _random_arrays(seed, "qkv", targets, L=L, d_model=d_model, d_head=d_head, d_v=d_v, r=r,
+                                       batch=batch, heads=heads)
     alpha = float(r) if alpha is None else alpha
-    y = rng.standard_normal(lead + (L, heads * d_v))
     beta_ = 1 / math.sqrt(d_head) if beta is None else beta
     if score_bound is not None:
+        lead = x.shape[:-2]
         wq = w["q"] + (alpha / r * adapters["q"][0] @ adapters["q"][1] if "q" in adapters else 0)
         wk = w["k"] + (alpha / r * adapters["k"][0] @ adapters["k"][1] if "k" in adapters else 0)
         q = (x @ wq).reshape(lead + (L, heads, d_head))

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import backend
 from ..dispatch import _checked_poly, _with_fallback, check_options, estimate_from_spread, plan_for_bound
-from ..model import AdapterGrad, GradResult, Head, LoRA, check_parameters
+from ..model import AdapterGrad, GradResult, Head, LoRA, check_call_types, check_parameters
 from . import tasks
 from .parts import check_cover, combine, tree_reduce
 from .shards import Shards, place, shared, split
@@ -302,10 +302,7 @@ def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, client=Non
     except ImportError as err:
         raise ImportError(f"gpulora.distributed needs the dask extra (pip install 'gpulora[dask]'): {err}") from None
     degree, tol, causal, _ = check_options(method, degree, tol, causal, family)
-    if not isinstance(head, Head):
-        raise TypeError(f"head must be a gpulora.Head, got {type(head).__name__}")
-    if not isinstance(lora, LoRA):
-        raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
+    check_call_types(head, lora, Head, "gpulora.Head")
     check_parameters(head, lora)  # B and A are usually updated in place between calls
     if client is not None and not isinstance(client, Client):
         raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")

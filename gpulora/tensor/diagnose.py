@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..diagnosis import Diagnosis
+from ..diagnosis import Diagnosis, _choice_fields
 from ..model import LoRA
 from ..poly.coefficients import DEFAULT_TOL, choose
 from ..validation import check_tol
@@ -126,12 +126,7 @@ def diagnose(head: TensorHead, lora: LoRA, x, *, tol=None) -> TensorDiagnosis:
         L=L, batch=batch, heads=heads, d_head=d_head, d_v=d_v, beta=prob.beta, dtype=str(dtype),
         bound=m, max_score=max_score, threshold=threshold, log_L=log_L,
         regime=_regime(m, threshold, log_L), tol=tol,
-        family=None if choice is None else choice.family,
-        degree=None if choice is None else choice.degree,
-        features=None if choice is None else choice.features(d_head),
-        compute_dtype=None if compute is None else str(compute),
-        approx_error=None if choice is None else choice.approx_error,
-        rounding_error=None if choice is None else choice.rounding_error(compute),
+        **_choice_fields(choice, compute, d_head),
         exact_flops=e_flops, poly_flops=p_flops, exact_seconds=e_sec, poly_seconds=p_sec,
         recommended="poly" if p_sec is not None and p_sec < e_sec else "exact", notes=tuple(notes),
     )

@@ -21,7 +21,7 @@ import numpy as np
 from .. import backend
 from ..adapters import _merge_heads, _split_heads, adapter_grads
 from ..dispatch import GRAD_TOL_FACTOR, Plan, _leaves
-from ..model import AccuracyWarning, GradResult, LoRA, check_parameters
+from ..model import AccuracyWarning, GradResult, LoRA, check_call_types, check_parameters
 from ..poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from ..poly.chain import PolynomialFailure
 from ..poly.coefficients import DEFAULT_TOL, choose
@@ -106,13 +106,7 @@ def _target_or_upstream(y, grad_output, *, required=True):
 
 def prepare(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, need_target=False) -> TensorProblem:
     """Validate the call and project ``x`` to the adapted ``Q, K1, K2, V1, V2`` (cast to ``x.dtype``)."""
-    if not isinstance(head, TensorHead):
-        raise TypeError(f"head must be a gpulora.tensor.TensorHead, got {type(head).__name__}")
-    if not isinstance(lora, LoRA):
-        raise TypeError(f"lora must be a gpulora.LoRA, got {type(lora).__name__}")
-    unknown = [t for t in lora.targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"adapters has unknown targets {unknown} for a tensor head; expected a subset of {TARGETS}")
+    check_call_types(head, lora, TensorHead, "gpulora.tensor.TensorHead", TARGETS, " for a tensor head")
     check_parameters(head, lora)  # B and A are usually updated in place between calls
     target, upstream = _target_or_upstream(y, grad_output, required=need_target)
     name = "grad_output" if upstream else "y"

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from .. import backend
-from ..model import TENSOR_TARGETS
+from ..model import TENSOR_TARGETS, check_columns, check_rows
 from ..validation import check_beta, check_int, check_real_array
 
 __all__ = ["TARGETS", "TensorHead"]
@@ -50,21 +50,12 @@ class TensorHead:
             check_real_array(name, getattr(self, name), ndim=2)
         backend.namespace(*(getattr(self, n) for n in names))
         object.__setattr__(self, "heads", check_int("heads", self.heads, minimum=1))
-        d_model = self.w_q.shape[0]
-        if d_model < 1:
-            raise ValueError(f"w_q must have d_model >= 1 rows, got shape {tuple(self.w_q.shape)}")
-        for name in names[1:]:
-            if getattr(self, name).shape[0] != d_model:
-                raise ValueError(f"{name} must have d_model = {d_model} rows like w_q, got shape "
-                                 f"{tuple(getattr(self, name).shape)}")
+        check_rows(self, names)
         for name, like in (("w_k1", "w_q"), ("w_k2", "w_q"), ("w_v2", "w_v1")):
             if getattr(self, name).shape != getattr(self, like).shape:
                 raise ValueError(f"{name} must have the shape of {like} {tuple(getattr(self, like).shape)}, got "
                                  f"{tuple(getattr(self, name).shape)}")
-        for name in ("w_q", "w_v1"):
-            cols = getattr(self, name).shape[1]
-            if cols == 0 or cols % self.heads:
-                raise ValueError(f"{name} must have a positive multiple of heads = {self.heads} columns, got {cols}")
+        check_columns(self, (("w_q", "heads", self.heads), ("w_v1", "heads", self.heads)))
         beta = 1.0 / self.d_head if self.beta is None else check_beta(self.beta)
         object.__setattr__(self, "beta", beta)
 

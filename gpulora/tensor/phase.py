@@ -13,12 +13,11 @@ with :data:`TENSOR`.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
-from ..phase import PhasePoint, PlotKind, _poly_choice
+from ..phase import PhasePoint, PlotKind, _point, _poly_choice
 from ..poly.coefficients import DEFAULT_TOL
 from ..testing import rel_error, time_call
 from . import cost
@@ -122,29 +121,11 @@ def sweep(bounds: Sequence[float] = DEFAULT_BOUNDS, lengths: Sequence[int] = DEF
                     except ValueError:
                         point_status = "failed"
             te = exact_time.get(L)
-            e_src = "model" if te is None else "measured"
-            p_src = None if k is None else ("model" if tp is None else "measured")
-            te = te_model if te is None else te
-            tp = tp_model if (tp is None and k is not None) else tp
-            if point_status != "ok" or tp is None:
-                winner, basis = "exact", "infeasible"
-            elif e_src == p_src == "measured":
-                winner, basis = ("poly" if tp < te else "exact"), "measured"
-            else:
-                winner, basis = ("poly" if tp_model < te_model else "exact"), "model"
-            points.append(PhasePoint(
-                bound=float(m), L=int(L), tol=tol, dtype=dtype.name, backend=name, d_model=d_model,
-                d_head=d_head, d_v=d_v, rank=rank, targets=",".join(targets), status=point_status,
-                family=None if choice is None else choice.family,
-                degree=None if choice is None else choice.degree, features=k,
-                compute_dtype=None if compute is None else np.dtype(compute).name,
-                approx_error=None if choice is None else choice.approx_error,
-                rounding_error=None if choice is None else choice.rounding_error(compute),
-                rounding_error_float32=None if choice is None else choice.rounding_error(np.float32),
-                rounding_error_float64=None if choice is None else choice.rounding_error(np.float64),
-                exact_seconds=te, exact_source=e_src, poly_seconds=tp, poly_source=p_src,
-                winner=winner, basis=basis, grad_error=err,
-                sqrt_log_L=cost.log_threshold(L), log_L=math.log(max(L, 2)),
+            points.append(_point(
+                L, te, tp, te_model, tp_model, err, choice, compute, k, bound=float(m), tol=tol,
+                dtype=dtype.name, backend=name, d_model=d_model, d_head=d_head, d_v=d_v, rank=rank,
+                targets=",".join(targets), status=point_status,
+                sqrt_log_L=cost.log_threshold(L),
             ))
             bar.update()
     bar.close()

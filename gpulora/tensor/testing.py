@@ -7,12 +7,10 @@ non-zero adapters on every target asked for.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..model import LoRA
-from ..testing import Problem
+from ..testing import Problem, _random_arrays
 from .chain import score_bound
 from .grad import prepare
 from .model import TARGETS, TensorHead
@@ -31,17 +29,10 @@ def make_problem(seed=0, *, L=16, d_model=8, d_head=3, d_v=None, r=2, targets=TA
     targets = tuple(targets)
     if score_bound_ is not None and not score_bound_ > 0:
         raise ValueError(f"score_bound_ must be a float > 0, got {score_bound_!r}")
-    rng = np.random.default_rng(seed)
     d_v = d_head if d_v is None else d_v
-    lead = () if batch is None else (batch,)
-    x = rng.standard_normal(lead + (L, d_model))
-    x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    w = {t: rng.standard_normal((d_model, heads * (d_v if t.startswith("v") else d_head))) / math.sqrt(d_model)
-         for t in TARGETS}
-    adapters = {t: (rng.standard_normal((d_model, r)) / math.sqrt(d_model),
-                    rng.standard_normal((r, w[t].shape[1])) / math.sqrt(r)) for t in targets}
+    x, w, adapters, y = _random_arrays(seed, TARGETS, targets, L=L, d_model=d_model, d_head=d_head, d_v=d_v, r=r,
+                                       batch=batch, heads=heads)
     alpha = float(r) if alpha is None else alpha
-    y = rng.standard_normal(lead + (L, heads * d_v))
     if score_bound_ is not None:
         head = TensorHead(*(w[t] for t in TARGETS), beta=beta, heads=heads)
         prob = prepare(head, LoRA(adapters, alpha=alpha), x)
