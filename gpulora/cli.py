@@ -1,45 +1,37 @@
 """The command line: ``python -m gpulora demo | phase | diagnose`` (also installed as ``gpulora``).
 
 ``demo``      exact vs poly on an embedded problem: time, loss, gradient errors, speedup, diagnosis.
-``phase``     the phase-transition sweep over the score bound ``M`` and ``L``: a PNG and a CSV beside it.
-``diagnose``  the diagnosis of a problem saved as ``.npz`` (keys in :data:`NPZ_KEYS`; :func:`save_problem`).
+``phase``     the phase-transition sweep over the score bound ``M`` and ``L``: a PNG and a CSV beside it
+              (needs the ``plot`` extra: matplotlib, tqdm).
+``diagnose``  the diagnosis of a problem saved as ``.npz`` (:mod:`gpulora.io`: keys, limits, ``save_problem``).
 
-Errors (bad options, unreadable files, values gpulora rejects) print one line ``gpulora: error: ...`` on
-stderr and exit with status 2. The work itself lives in :mod:`gpulora.phase` and :mod:`gpulora.diagnose`.
+User errors (bad options, files that are not problems, values gpulora rejects) print one line
+``gpulora: error: ...`` on stderr and exit with status 2. Anything else is a bug and keeps its traceback.
+``--debug`` (or the environment variable ``GPULORA_DEBUG=1``) shows the traceback of user errors too.
+Output is line-buffered, so a pipe sees each line when it is printed; long steps show a progress bar
+when stderr is a terminal (tqdm, when installed). The work itself lives in :mod:`gpulora.phase`,
+:mod:`gpulora.diagnosis` and :mod:`gpulora.io`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import pickle
 import sys
 import time
-import zipfile
 
 import numpy as np
 
-from . import DEFAULT_TOL, LoRA, backend
-from .diagnose import diagnose
-from .model import TARGETS, Head
+from . import DEFAULT_TOL, __version__, backend
+from .diagnosis import diagnose
+from .io import MAX_PROBLEM_BYTES, NPZ_HELP, ProblemFileError, load_problem
+from .model import TARGETS
 from .validation import check_tol
 
-__all__ = ["NPZ_KEYS", "build_parser", "load_problem", "main", "save_problem"]
+__all__ = ["CLIError", "build_parser", "format_speedup", "main"]
 
-NPZ_HELP = """\
-keys of the .npz file (np.savez):
-  w_q, w_k    (d_model, H*d_head)   frozen query/key weights, layout x @ W
-  w_v         (d_model, H*d_v)      frozen value weights
-  x           (L, d_model) or (batch, L, d_model)   inputs
-  beta        scalar, optional      inverse temperature (default 1/sqrt(d_head))
-  heads       scalar int, optional  number of heads H packed in the columns (default 1)
-  B_q, A_q, B_k, A_k, B_v, A_v      optional LoRA adapters, B (d_model, r), A (r, d_out), in pairs
-  alpha       scalar, required with adapters: W = W0 + (alpha/r) B A
-Without adapters the frozen head is diagnosed (zero adapters on --targets).
-gpulora.cli.save_problem(path, head, lora, x) writes such a file."""
-
-NPZ_KEYS = ("w_q", "w_k", "w_v", "x", "beta", "heads", "alpha") + tuple(f"{m}_{t}" for t in TARGETS for m in "BA")
-_REQUIRED = ("w_q", "w_k", "w_v", "x")
+DEBUG_ENV = "GPULORA_DEBUG"
 
 
 class CLIError(Exception):
@@ -73,11 +65,11 @@ def _positive_float(text):
     return v
 
 
-def _float(text):
+def _tol(text):
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        return check_tol(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r} ({err})") from None
 
 
 def _targets(text):
@@ -98,7 +90,7 @@ def _list_of(kind):
 
 
 def _common(p, *, dtype=True):
-    p.add_argument("--tol", type=_float, default=None,
+    p.add_argument("--tol", type=_tol, default=None,
                    help=f"target max relative error of the polynomial p ~ exp on [-M, M], 0 < tol < 1 "
                         f"(default {DEFAULT_TOL:g})")
     p.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
@@ -106,6 +98,12 @@ def _common(p, *, dtype=True):
     if dtype:
         p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                        help="input dtype (default float32)")
+    _debug_option(p, default=argparse.SUPPRESS)
+
+
+def _debug_option(p, default):
+    p.add_argument("--debug", action="store_true", default=default,
+                   help=f"show the traceback of user errors too (also: environment {DEBUG_ENV}=1)")
 
 
 def _problem_options(p, *, L, d_model, d_head, d_v, bound):
@@ -128,7 +126,12 @@ def _problem_options(p, *, L, d_model, d_head, d_v, bound):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gpulora``."""
     parser = _Parser(prog="gpulora", description="Exact and polynomial-method LoRA gradients of attention "
-                     "heads (Hu et al., ICLR 2025).")
+                     "heads (Hu et al., ICLR 2025).",
+                     epilog="User errors print one line 'gpulora: error: ...' and exit with status 2; other "
+                     f"errors are bugs and keep their traceback. --debug or {DEBUG_ENV}=1 shows the "
+                     "traceback of user errors too.")
+    parser.add_argument("--version", action="version", version=f"gpulora {__version__}")
+    _debug_option(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,phase,diagnose,survey}",
                                 parser_class=_Parser)
 
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--causal", action="store_true", help="causal mask (j > i excluded)")
     diag.add_argument("--targets", type=_targets, default="qv",
                       help="targets assumed when the file has no adapters (default qv)")
+    diag.add_argument("--max-bytes", type=_positive_int, default=MAX_PROBLEM_BYTES,
+                      help="refuse files whose arrays declare more bytes than this, checked from their "
+                           "headers before loading (default %(default)s = 2 GiB)")
     _common(diag, dtype=False)
 
     from . import survey
@@ -199,109 +205,71 @@ def _xp(name):
     if name == "numpy" or (name == "auto" and not backend.has_cuda()):
         return np
     if not backend.has_cuda():
-        raise CLIError("--backend cupy needs CuPy and a CUDA device; none was found")
+        raise CLIError("--backend cupy needs a CUDA device and CuPy (pip install 'gpulora[cuda13]', or "
+                       "'gpulora[cuda12]' for a CUDA 12 driver); none was found")
     import cupy
 
     return cupy
-
-
-def save_problem(path, head: Head, lora: LoRA | None, x) -> None:
-    """Save ``head``, ``lora`` (or None) and ``x`` to ``path`` (.npz) with the keys ``diagnose`` reads.
-
-    Arrays are copied to the host (CuPy) and stored in their dtype.
-    """
-    data = {"w_q": head.w_q, "w_k": head.w_k, "w_v": head.w_v, "x": x,
-            "beta": np.float64(head.beta), "heads": np.int64(head.heads)}
-    if lora is not None:
-        data["alpha"] = np.float64(lora.alpha)
-        for t, (b, a) in lora.adapters.items():
-            data[f"B_{t}"], data[f"A_{t}"] = b, a
-    np.savez(path, **{k: backend.to_numpy(v) for k, v in data.items()})
-
-
-def _scalar(data, key, kind):
-    v = data[key]
-    if v.shape != () or v.dtype.kind not in "iuf":
-        raise CLIError(f"key {key!r} must be a real scalar, got shape {v.shape} dtype {v.dtype}")
-    if kind is int:
-        if v.dtype.kind not in "iu" and float(v) != int(v):
-            raise CLIError(f"key {key!r} must be an integer, got {v.item()!r}")
-        return int(v)
-    return float(v)
-
-
-def load_problem(path, *, xp=np, targets="qv"):
-    """Read a problem saved with the keys of :data:`NPZ_HELP`: ``(head, lora, x, note)``."""
-    if not os.path.exists(path):
-        raise CLIError(f"{path}: no such file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as err:
-        why = "pickled data is not accepted" if "pickle" in str(err) else str(err)
-        raise CLIError(f"{path}: not a .npz archive of numeric arrays ({why})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise CLIError(f"{path}: a single .npy array, expected a .npz archive with keys {', '.join(_REQUIRED)}")
-    with data:
-        keys = set(data.files)
-        unknown = sorted(keys - set(NPZ_KEYS))
-        if unknown:
-            raise CLIError(f"{path}: unknown keys {unknown}; expected {', '.join(NPZ_KEYS)}")
-        missing = [k for k in _REQUIRED if k not in keys]
-        if missing:
-            raise CLIError(f"{path}: missing required keys {missing} (have {sorted(keys)})")
-        try:
-            arrays = {k: data[k] for k in keys}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-            raise CLIError(f"{path}: cannot read its arrays ({err})") from None
-    for k, v in arrays.items():
-        if v.dtype.kind not in "iuf":
-            raise CLIError(f"{path}: key {k!r} must hold real numbers, got dtype {v.dtype}")
-    beta = _scalar(arrays, "beta", float) if "beta" in arrays else None
-    heads = _scalar(arrays, "heads", int) if "heads" in arrays else 1
-    dev = {k: xp.asarray(v) for k, v in arrays.items() if k not in ("beta", "heads", "alpha")}
-    head = Head(dev["w_q"], dev["w_k"], dev["w_v"], beta=beta, heads=heads)
-    adapters = {}
-    for t in TARGETS:
-        have = [f"{m}_{t}" in arrays for m in "BA"]
-        if any(have) and not all(have):
-            raise CLIError(f"{path}: adapter of {t!r} needs both B_{t} and A_{t}")
-        if all(have):
-            adapters[t] = (dev[f"B_{t}"], dev[f"A_{t}"])
-    if adapters:
-        if "alpha" not in arrays:
-            raise CLIError(f"{path}: key 'alpha' is required when adapters are saved (W = W0 + (alpha/r) B A)")
-        lora = LoRA(adapters, alpha=_scalar(arrays, "alpha", float))
-        note = ""
-    else:
-        z = xp.zeros((head.d_model, 1), dtype=dev["w_q"].dtype)
-        lora = LoRA({t: (z, xp.zeros((1, head.weight(t).shape[1]), dtype=z.dtype)) for t in targets}, alpha=1.0)
-        note = f"no adapters in the file: the frozen head is diagnosed, costs counted for targets {targets}"
-    return head, lora, dev["x"], note
 
 
 def _fmt(v, spec=".2e"):
     return "-" if v is None else format(v, spec)
 
 
+def format_speedup(exact_seconds: float, poly_seconds: float) -> str:
+    """``"poly 27x faster"`` / ``"poly 2.6x slower"``: the time ratio with two significant digits (whole
+    numbers from 100 on), always as a factor of at least 1."""
+    ratio = exact_seconds / poly_seconds
+    factor = ratio if ratio >= 1 else 1 / ratio
+    digits = f"{factor:.0f}" if factor >= 100 else f"{factor:.2g}"
+    return f"poly {digits}x {'faster' if ratio >= 1 else 'slower'}"
+
+
+def _require(module: str, what: str, extra: str) -> None:
+    """CLIError naming the extra to install when ``module`` is not importable."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise CLIError(f"{what} needs {module}, which is not installed: pip install 'gpulora[{extra}]'")
+
+
+@contextlib.contextmanager
+def _rejected_values(prefix=""):
+    """Turn a ``ValueError`` of gpulora's validation of user-chosen values into a :class:`CLIError`."""
+    try:
+        yield
+    except ValueError as err:
+        raise CLIError(f"{prefix}{err}") from err
+
+
 # --- subcommands ----------------------------------------------------------------------------------------
 
 def _demo(args) -> int:
-    from .phase import compare
+    from .phase import compare, progress_bar
     from .testing import make_problem
 
     xp = _xp(args.backend)
     name = "cupy" if xp is not np else "numpy"
     kw = dict(d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, r=args.rank, targets=args.targets,
               dtype=np.dtype(args.dtype), xp=xp, score_bound=args.bound)
-    tol = DEFAULT_TOL if args.tol is None else check_tol(args.tol)
+    tol = DEFAULT_TOL if args.tol is None else args.tol
     print(f"gpulora demo: one attention head, L={args.L} tokens, d_model={args.d_model}, d_head={args.d_head}, "
           f"d_v={args.d_v}, LoRA rank {args.rank} on {','.join(args.targets)}, {args.dtype}, {name}"
           f"{', causal' if args.causal else ''}")
     print(f"inputs: unit-norm rows, weights scaled so that M = beta max|q_i| max|k_j| = {args.bound:g}; "
           f"tol {tol:g}")
-    compare(make_problem(args.seed, L=min(args.L, 256), **kw), tol=tol, causal=args.causal)  # warm-up
-    prob = make_problem(args.seed, L=args.L, **kw)
-    cmp = compare(prob, tol=tol, causal=args.causal)
+    with _rejected_values(), progress_bar(total=5, desc="demo", unit="step") as bar:
+        def step(what):
+            bar.set_postfix_str(what, refresh=False)
+            bar.update()
+
+        bar.set_postfix_str("warm-up")
+        compare(make_problem(args.seed, L=min(args.L, 256), **kw), tol=tol, causal=args.causal)
+        prob = make_problem(args.seed, L=args.L, **kw)
+        cmp = compare(prob, tol=tol, causal=args.causal, on_step=step)
+        step("diagnosis")
+        diagnosis = diagnose(prob.head, prob.lora, prob.x, tol=tol, causal=args.causal)
+        bar.update()
     rows = [("method", "family", "degree", "features", "compute", "time (s)", "loss")]
     rows.append(("exact", "-", "-", "-", args.dtype, f"{cmp.exact_seconds:.3g}", f"{float(cmp.exact.loss):.7g}"))
     if cmp.poly is not None:
@@ -319,9 +287,9 @@ def _demo(args) -> int:
         err_rows += [(t, _fmt(b), _fmt(a)) for t, (b, a) in cmp.errors.items()]
         err_rows.append(("loss", _fmt(cmp.loss_error), ""))
         _table(err_rows)
-        print(f"\nspeedup (exact time / poly time): {cmp.speedup:.1f}x")
+        print(f"\nspeedup (exact time / poly time): {format_speedup(cmp.exact_seconds, cmp.poly_seconds)}")
     print()
-    print(diagnose(prob.head, prob.lora, prob.x, tol=tol, causal=args.causal))
+    print(diagnosis)
     return 0
 
 
@@ -332,7 +300,8 @@ def _table(rows):
 
 
 def _phase(args) -> int:
-    from .phase import plot, sweep, write_csv
+    _require("matplotlib", "python -m gpulora phase (the figure)", "plot")
+    from .phase import boundary_text, plot, summary_rows, sweep, write_csv
 
     out = args.out
     stem, ext = os.path.splitext(out)
@@ -341,61 +310,52 @@ def _phase(args) -> int:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise CLIError(f"--out: folder {folder} does not exist")
-    if args.tol is not None:
-        check_tol(args.tol)
     xp = _xp(args.backend)
     t0 = time.perf_counter()
     if args.attention == "tensor":
         from .tensor import phase as tensor_phase
 
         kind = tensor_phase.TENSOR
-        points = tensor_phase.sweep(
-            args.bounds or tensor_phase.DEFAULT_BOUNDS, args.lengths or tensor_phase.DEFAULT_LENGTHS,
-            tol=args.tol, d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, rank=args.rank,
-            dtype=np.dtype(args.dtype), xp=xp, seed=args.seed, time_max_L=args.time_max_L or 256,
-            error_max_L=args.error_max_L or 128, max_feature_elements=args.max_feature_elements,
-            progress=not args.no_progress)
+        with _rejected_values():
+            points = tensor_phase.sweep(
+                args.bounds or tensor_phase.DEFAULT_BOUNDS, args.lengths or tensor_phase.DEFAULT_LENGTHS,
+                tol=args.tol, d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, rank=args.rank,
+                dtype=np.dtype(args.dtype), xp=xp, seed=args.seed, time_max_L=args.time_max_L or 256,
+                error_max_L=args.error_max_L or 128, max_feature_elements=args.max_feature_elements,
+                progress=not args.no_progress)
     else:
         from .phase import DEFAULT_BOUNDS, DEFAULT_LENGTHS, MATRIX
 
         kind = MATRIX
-        points = sweep(args.bounds or DEFAULT_BOUNDS, args.lengths or DEFAULT_LENGTHS, tol=args.tol,
-                       d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, rank=args.rank,
-                       targets=args.targets, dtype=np.dtype(args.dtype), xp=xp, seed=args.seed,
-                       time_max_L=args.time_max_L or 8192, error_max_L=args.error_max_L or 2048,
-                       max_feature_elements=args.max_feature_elements, progress=not args.no_progress)
+        with _rejected_values():
+            points = sweep(args.bounds or DEFAULT_BOUNDS, args.lengths or DEFAULT_LENGTHS, tol=args.tol,
+                           d_model=args.d_model, d_head=args.d_head, d_v=args.d_v, rank=args.rank,
+                           targets=args.targets, dtype=np.dtype(args.dtype), xp=xp, seed=args.seed,
+                           time_max_L=args.time_max_L or 8192, error_max_L=args.error_max_L or 2048,
+                           max_feature_elements=args.max_feature_elements,
+                           progress=not args.no_progress)
     csv_path = stem + ".csv"
     write_csv(points, csv_path)
     plot(points, out, kind=kind)
     measured = sum(p.basis == "measured" for p in points)
     print(f"{len(points)} points ({measured} decided by measured wall time, the rest by the cost model) "
           f"in {time.perf_counter() - t0:.1f} s")
-    rows = [("M", "family", "degree", "features", "compute", "poly cheaper from L", "worst grad error")]
-    for m in sorted({p.bound for p in points}):
-        row = [p for p in points if p.bound == m]
-        r0 = row[0]
-        if r0.status in ("no_polynomial", "rounding"):
-            why = "no polynomial meets tol" if r0.status == "no_polynomial" else "float64 rounding too large"
-            rows.append((f"{m:g}", "-", "-", "-", "-", f"never ({why})", "-"))
-            continue
-        wins = [p.L for p in row if p.winner == "poly"]
-        errs = [p.grad_error for p in row if p.grad_error is not None]
-        rows.append((f"{m:g}", r0.family or "-", str(r0.degree), str(r0.features), r0.compute_dtype or "-",
-                     str(min(wins)) if wins else "never in range", _fmt(max(errs) if errs else None)))
-    _table(rows)
+    _table(summary_rows(points))
+    print(f"boundary: {boundary_text(points)}")
     print(f"wrote {out} and {csv_path}")
     return 0
 
 
 def _diagnose(args) -> int:
-    if args.tol is not None:
-        check_tol(args.tol)
     xp = _xp(args.backend)
     try:
-        head, lora, x, note = load_problem(args.file, xp=xp, targets=args.targets)
+        head, lora, x, note = load_problem(args.file, xp=xp, targets=args.targets, max_bytes=args.max_bytes)
+    except ProblemFileError as err:  # names the file and what it is not
+        raise CLIError(str(err)) from err
+    except (ValueError, TypeError) as err:  # arrays that Head / LoRA reject
+        raise CLIError(f"{args.file}: not a valid problem: {err}") from err
+    with _rejected_values(f"{args.file}: "):  # shapes/values gpulora rejects: name the file
         result = diagnose(head, lora, x, tol=args.tol, causal=args.causal)
-    except (ValueError, TypeError) as err:  # shapes/values gpulora rejects: name the file
-        raise CLIError(f"{args.file}: {err}") from None
     print(f"gpulora diagnose {args.file}")
     if note:
         print(f"  ({note})")
@@ -403,19 +363,34 @@ def _diagnose(args) -> int:
     return 0
 
 
+def _debug_requested(argv) -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+
+
 def main(argv=None) -> int:
-    """Entry point of ``python -m gpulora``; returns the exit status (0, or 2 on a user error)."""
+    """Entry point of ``python -m gpulora``; returns the exit status (0, or 2 on a user error).
+
+    User errors (:class:`CLIError`: bad options, files that are not problems, values gpulora rejects)
+    print one line and return 2, unless ``--debug`` or ``GPULORA_DEBUG=1`` asks for the traceback. Any
+    other exception is a bug and propagates with its traceback.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a pipe sees each line as it is printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "survey":
             from .survey import command
 
-            return command(args)
+            with _rejected_values():  # SurveyError and gpulora's rejections of the user's values
+                return command(args)
         return {"demo": _demo, "phase": _phase, "diagnose": _diagnose}[args.command](args)
     except BrokenPipeError:  # output piped into e.g. head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (CLIError, ValueError, TypeError, OSError, KeyError) as err:
+    except CLIError as err:
+        if _debug_requested(argv):
+            raise
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"gpulora: error: {msg}", file=sys.stderr)
         return 2

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import io
 import math
+import sys
+import typing
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,9 +35,16 @@ __all__ = [
     "MATRIX",
     "Comparison",
     "PhasePoint",
+    "boundary_text",
     "PlotKind",
     "compare",
+    "csv_digest",
+    "csv_text",
     "plot",
+    "progress_bar",
+    "read_csv",
+    "read_points",
+    "summary_rows",
     "sweep",
     "write_csv",
 ]
@@ -43,6 +54,37 @@ DEFAULT_LENGTHS = tuple(2**p for p in range(7, 21))  # 128 .. 1048576
 # Elements of the (L, k) feature matrix above which the poly path is modelled, not run (memory and time).
 DEFAULT_MAX_FEATURE_ELEMENTS = 1 << 24
 _ERROR_FACTOR = 10  # adapter gradients stay within this multiple of tol (gpulora.lora_grad, tests)
+
+
+class _NoProgress:
+    """The part of tqdm's interface that gpulora uses, doing nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text="", refresh=True):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True):
+    """A tqdm progress bar on stderr when stderr is a terminal and tqdm is installed (``gpulora[plot]``);
+    otherwise an object with the same methods that shows nothing (so a pipe or a log gets no bar)."""
+    if not enabled or not sys.stderr.isatty():
+        return _NoProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +125,13 @@ class Comparison:
 
 
 def compare(problem: Problem, *, tol=None, causal=False, run_exact=True, run_poly=True, min_time=0.0,
-            max_repeat=1) -> Comparison:
+            max_repeat=1, on_step=None) -> Comparison:
     """Run ``lora_grad`` with ``method="exact"`` and ``method="poly"`` on ``problem`` and compare.
 
     A ``ValueError`` of the poly path (no polynomial meets ``tol``, rounding, causal poly not available,
     :class:`gpulora.PolynomialFailure`) is recorded in ``poly_message`` instead of raised; a bad ``tol``
-    is rejected first (``ValueError``).
+    is rejected first (``ValueError``). ``on_step(name)``, if given, is called after ``"exact"`` and
+    after ``"poly"`` ran (progress display).
     """
     p = problem
     if tol is not None:
@@ -99,12 +142,16 @@ def compare(problem: Problem, *, tol=None, causal=False, run_exact=True, run_pol
     if run_exact:
         ex, te = time_call(lambda: lora_grad(p.head, p.lora, p.x, p.y, method="exact", causal=causal),
                            min_time=min_time, max_repeat=max_repeat)
+        if on_step is not None:
+            on_step("exact")
     if run_poly:
         try:
             px, tp = time_call(lambda: lora_grad(p.head, p.lora, p.x, p.y, method="poly", tol=tol, causal=causal),
                                min_time=min_time, max_repeat=max_repeat)
         except ValueError as err:
             px, tp, message = None, None, str(err)
+        if on_step is not None:
+            on_step("poly")
     errors, loss_error = {}, None
     if ex is not None and px is not None:
         errors = {t: (rel_error(px.grads[t].B, ex.grads[t].B), rel_error(px.grads[t].A, ex.grads[t].A))
@@ -122,7 +169,9 @@ class PhasePoint:
     but rounding would swamp it even in float64) or ``"failed"`` (it broke down at run time). ``*_source``
     is ``"measured"`` (fastest wall time) or ``"model"`` (:mod:`gpulora.cost`); ``basis`` says which
     decided ``winner`` (both times measured, or both modelled). ``grad_error`` is the worst relative
-    gradient error of poly against exact, where measured.
+    gradient error of poly against exact, where measured. ``rounding_error`` is the estimated rounding
+    error of the chosen polynomial in ``compute_dtype``; ``rounding_error_float32`` / ``_float64`` are
+    the same estimate in each precision (docs/math.md section 7).
     """
 
     bound: float
@@ -142,6 +191,8 @@ class PhasePoint:
     compute_dtype: str | None
     approx_error: float | None
     rounding_error: float | None
+    rounding_error_float32: float | None
+    rounding_error_float64: float | None
     exact_seconds: float
     exact_source: str
     poly_seconds: float | None
@@ -196,6 +247,8 @@ def _point(L, te, tp, te_model, tp_model, err, choice, compute, k, **fields) -> 
         compute_dtype=None if compute is None else np.dtype(compute).name,
         approx_error=None if choice is None else choice.approx_error,
         rounding_error=None if choice is None else choice.rounding_error(compute),
+        rounding_error_float32=None if choice is None else choice.rounding_error(np.float32),
+        rounding_error_float64=None if choice is None else choice.rounding_error(np.float64),
         exact_seconds=te, exact_source=e_src, poly_seconds=tp, poly_source=p_src,
         winner=winner, basis=basis, grad_error=err,
         log_L=math.log(max(L, 2)),
@@ -234,8 +287,6 @@ def sweep(bounds: Sequence[float] = DEFAULT_BOUNDS, lengths: Sequence[int] = DEF
     list of PhasePoint
         In the order ``for M in bounds: for L in lengths``.
     """
-    from tqdm.auto import tqdm
-
     tol = DEFAULT_TOL if tol is None else float(tol)
     dtype = np.dtype(dtype)
     name = "cupy" if xp.__name__.startswith("cupy") else "numpy"
@@ -246,7 +297,7 @@ def sweep(bounds: Sequence[float] = DEFAULT_BOUNDS, lengths: Sequence[int] = DEF
     choices = {m: _poly_choice(float(m), tol, dtype) for m in bounds}
     exact_time = {}  # L -> measured exact seconds (M-independent), filled at the first M that measures it
     points = []
-    bar = tqdm(total=len(bounds) * len(lengths), desc="phase sweep", unit="pt", disable=not progress)
+    bar = progress_bar(total=len(bounds) * len(lengths), desc="phase sweep", unit="pt", enabled=progress)
     for m in bounds:
         choice, compute, status = choices[m]
         k = None if choice is None else choice.features(d_head)
@@ -280,20 +331,101 @@ def sweep(bounds: Sequence[float] = DEFAULT_BOUNDS, lengths: Sequence[int] = DEF
     return points
 
 
+def summary_rows(points: Sequence[PhasePoint]) -> list[tuple[str, ...]]:
+    """Per score bound ``M``: the polynomial, the smallest ``L`` from which poly is cheaper and the worst
+    measured gradient error, as rows of strings (a header row first); the table ``phase`` prints."""
+    rows = [("M", "family", "degree", "features", "compute", "poly cheaper from L", "worst grad error")]
+    for m in sorted({p.bound for p in points}):
+        row = [p for p in points if p.bound == m]
+        r0 = row[0]
+        if r0.status in ("no_polynomial", "rounding"):
+            why = "no polynomial meets tol" if r0.status == "no_polynomial" else "float64 rounding too large"
+            rows.append((f"{m:g}", "-", "-", "-", "-", f"never ({why})", "-"))
+            continue
+        wins = [p.L for p in row if p.winner == "poly"]
+        errs = [p.grad_error for p in row if p.grad_error is not None]
+        rows.append((f"{m:g}", r0.family or "-", str(r0.degree), str(r0.features), r0.compute_dtype or "-",
+                     str(min(wins)) if wins else "never in range",
+                     "-" if not errs else format(max(errs), ".2e")))
+    return rows
+
+
+def csv_text(points: Sequence[PhasePoint]) -> str:
+    """The sweep as CSV text, one row per point, columns the fields of :class:`PhasePoint` (empty = None)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[f.name for f in dataclasses.fields(PhasePoint)], lineterminator="\n")
+    w.writeheader()
+    for p in points:
+        w.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(p).items()})
+    return buf.getvalue()
+
+
+def csv_digest(points: Sequence[PhasePoint]) -> str:
+    """SHA-256 of :func:`csv_text`: :func:`plot` stores it in the PNG, so a figure names the CSV it shows."""
+    return hashlib.sha256(csv_text(points).encode()).hexdigest()
+
+
 def write_csv(points: Sequence[PhasePoint], path) -> None:
-    """Write the sweep as CSV, one row per point, columns the fields of :class:`PhasePoint` (empty = None)."""
-    fields = [f.name for f in dataclasses.fields(PhasePoint)]
+    """Write :func:`csv_text` to ``path``."""
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for p in points:
-            w.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(p).items()})
+        fh.write(csv_text(points))
 
 
 def read_csv(path) -> list[dict[str, Any]]:
     """The rows of a sweep CSV as dicts of strings (as written by :func:`write_csv`)."""
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_points(path) -> list[PhasePoint]:
+    """The sweep written by :func:`write_csv`, as :class:`PhasePoint` objects (exactly as they were)."""
+    types = typing.get_type_hints(PhasePoint)
+    points = []
+    for row in read_csv(path):
+        values = {}
+        for name, text in row.items():
+            kind = types[name]
+            if text == "":
+                values[name] = None
+            elif kind in (int, int | None):
+                values[name] = int(text)
+            elif kind in (float, float | None):
+                values[name] = float(text)
+            else:
+                values[name] = text
+        points.append(PhasePoint(**values))
+    return points
+
+
+def boundary_text(points: Sequence[PhasePoint]) -> str:
+    """Where poly becomes the cheaper method: the smallest ``L`` per score bound ``M``, score bounds with
+    the same ``L`` grouped (``"L = 512 at M = 0.5..3"``), then where poly never wins or is infeasible.
+    The sentence that ``phase`` prints and README quotes."""
+    bounds = sorted({p.bound for p in points})
+    first, never, infeasible = [], [], []
+    for m in bounds:
+        row = [p for p in points if p.bound == m]
+        if row[0].status in ("no_polynomial", "rounding"):
+            infeasible.append(m)
+            continue
+        wins = [p.L for p in row if p.winner == "poly"]
+        if wins:
+            first.append((min(wins), m))
+        else:
+            never.append(m)
+    groups = []
+    for L, m in first:
+        if groups and groups[-1][0] == L:
+            groups[-1][2] = m
+        else:
+            groups.append([L, m, m])
+    parts = [f"L = {L} at M = {lo:g}" + (f"..{hi:g}" if hi != lo else "") for L, lo, hi in groups]
+    text = "poly is the cheaper method from " + ", ".join(parts) if parts else "poly is never the cheaper method"
+    if never:
+        text += f"; not within the lengths swept at M = {', '.join(f'{m:g}' for m in never)}"
+    if infeasible:
+        text += f"; infeasible (no usable polynomial) at M = {', '.join(f'{m:g}' for m in infeasible)}"
+    return text
 
 
 def _pick(values, targets):
@@ -320,46 +452,82 @@ class PlotKind:
 
 
 def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10), kind: PlotKind | None = None) -> None:
-    """Draw the sweep as a PNG: (a) the phase diagram, (b) cost vs ``L`` at a few ``M``, (c) error vs ``M``.
+    """Draw the sweep as a PNG 880 pixels wide, three panels stacked: (a) the phase diagram, (b) cost vs
+    ``L`` at a few ``M``, (c) error vs ``M``. The PNG's ``Source`` text holds :func:`csv_digest`. ``kind``
+    (default :data:`MATRIX`) holds the threshold scale, cost model and labels (tensor attention has its own).
 
-    (a) x = ``L`` (log), y = ``M``; marker = the cheaper method at ``tol`` (filled: decided by measured
-    wall times, hollow: by the cost model), crosses where no polynomial is usable; the curves
+    (a) x = ``L``, y = ``M`` (both log); marker = the cheaper method at ``tol`` (filled: decided by
+    measured wall times, hollow: by the cost model), crosses where no polynomial is usable; the curves
     ``sqrt(log L)`` and ``log L`` and, for float32 inputs, the bound above which the features need float64.
+    (c) the approximation error of the chosen polynomial and its estimated rounding error in float32 and
+    in float64, as two curves (filled where that precision is the one used), and the measured gradient
+    errors. Needs matplotlib (``gpulora[plot]``).
     """
     kind = MATRIX if kind is None else kind
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, works under any backend
-    from matplotlib.lines import Line2D
 
     p0 = points[0]
     bounds = sorted({p.bound for p in points})
     lengths = sorted({p.L for p in points})
-    fig = Figure(figsize=(19, 7.6))
-    ax, bx, cx = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
+    with matplotlib.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
+        fig = Figure(figsize=(8.8, 19.5), layout="constrained")
+        ax, bx, cx = fig.subplots(3, 1, height_ratios=[1.25, 1, 1])
+        _plot_phase(ax, points, bounds, lengths, kind)
+        _plot_cost(bx, points, bounds, cost_bounds, kind)
+        _plot_error(cx, points, bounds)
+        fig.suptitle(f"{kind.title}, tol {p0.tol:g}\n"
+                     f"d_head={p0.d_head}, d_v={p0.d_v}, d_model={p0.d_model}, r={p0.rank}, targets "
+                     f"{p0.targets}, {p0.dtype}, {p0.backend}", fontsize=13)
+        fig.savefig(path, dpi=100, metadata={"Source": f"gpulora phase; csv sha256 {csv_digest(points)}"})
 
-    # (a) phase diagram
+
+def _float64_switch(points):
+    """The score bound between the last float32-feature ``M`` and the first float64 one (float32 inputs)."""
+    f64 = [p.bound for p in points if p.status == "ok" and p.compute_dtype != p.dtype]
+    f32 = [p.bound for p in points if p.status == "ok" and p.compute_dtype == p.dtype]
+    if not (f64 and f32) or points[0].dtype == "float64":
+        return None
+    return math.sqrt(max(f32) * min(f64))  # geometric middle: the M axes are logarithmic
+
+
+def _log_bound_axis(axis, bounds):
+    """Tick a logarithmic axis of score bounds at the swept values, labelling those at least a factor 1.2
+    apart (the others get an unlabelled tick) so that the labels never overlap."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    labelled = []
+    for v in sorted(bounds):
+        if not labelled or v >= 1.2 * labelled[-1]:
+            labelled.append(v)
+    axis.set_major_locator(FixedLocator(labelled))
+    axis.set_minor_locator(FixedLocator([v for v in bounds if v not in labelled]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def _plot_phase(ax, points, bounds, lengths, kind):
+    from matplotlib.lines import Line2D
+
     style = {"poly": ("o", "tab:green"), "exact": ("s", "tab:red")}
     for p in points:
         if p.status == "ok":
             marker, colour = style[p.winner]
-            filled = p.basis == "measured"
-            ax.scatter(p.L, p.bound, s=70, marker=marker, edgecolors=colour, linewidths=1.5,
-                       facecolors=colour if filled else "white", zorder=3)
+            ax.scatter(p.L, p.bound, s=60, marker=marker, edgecolors=colour, linewidths=1.5,
+                       facecolors=colour if p.basis == "measured" else "white", zorder=3)
         else:
             colour = {"no_polynomial": "0.55", "rounding": "black", "failed": "tab:purple"}[p.status]
-            ax.scatter(p.L, p.bound, s=60, marker="x", color=colour, linewidths=1.5, zorder=3)
+            ax.scatter(p.L, p.bound, s=55, marker="x", color=colour, linewidths=1.5, zorder=3)
     xs = np.geomspace(lengths[0], lengths[-1], 200)
     ax.plot(xs, kind.threshold(xs), "b--", lw=2, zorder=2)
     ax.plot(xs, np.log(xs), "b-.", lw=2, zorder=2)
-    f64 = [p.bound for p in points if p.status == "ok" and p.compute_dtype != p.dtype]
-    f32 = [p.bound for p in points if p.status == "ok" and p.compute_dtype == p.dtype]
     legend = [
         Line2D([], [], ls="", marker="o", color="tab:green", ms=8, label="poly cheaper"),
         Line2D([], [], ls="", marker="s", color="tab:red", ms=8, label="exact cheaper"),
         Line2D([], [], ls="", marker="o", mfc="white", mec="0.3", ms=8,
-               label="hollow: decided by cost model\n(filled: by measured wall time)"),
+               label="hollow: decided by the cost model\n(filled: by measured wall time)"),
         Line2D([], [], ls="", marker="x", color="0.55", ms=8, mew=1.5,
-               label=f"poly infeasible: no polynomial\n(degree <= {MAX_DEGREE}) meets tol"),
+               label=f"poly infeasible: no polynomial of\ndegree <= {MAX_DEGREE} meets tol"),
     ]
     if any(p.status == "rounding" for p in points):
         legend.append(Line2D([], [], ls="", marker="x", color="black", ms=8, mew=1.5,
@@ -369,23 +537,23 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10), kind: Pl
                              label="poly failed at run time"))
     legend += [Line2D([], [], color="b", ls="--", lw=2, label=kind.threshold_label),
                Line2D([], [], color="b", ls="-.", lw=2, label="log L")]
-    switch = 0.5 * (max(f32) + min(f64)) if f64 and f32 and p0.dtype != "float64" else None
+    switch = _float64_switch(points)
     if switch is not None:
-        y = switch
-        ax.axhline(y, color="tab:orange", ls=":", lw=2, zorder=1)
+        ax.axhline(switch, color="tab:orange", ls=":", lw=2, zorder=1)
         legend.append(Line2D([], [], color="tab:orange", ls=":", lw=2,
-                             label=f"above: {p0.dtype} rounding too large,\nfeatures computed in float64"))
+                             label=f"above: {points[0].dtype} rounding too large,\nfeatures in float64"))
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length L (tokens, log scale)")
+    ax.set_yscale("log")
+    _log_bound_axis(ax.yaxis, bounds)
+    ax.set_ylim(min(bounds) / 1.25, max(bounds) * 1.25)
+    ax.set_xlabel("sequence length L (tokens)")
     ax.set_ylabel(kind.bound_label)
-    ax.set_title(f"(a) Cheaper method at tol {p0.tol:g}\n"
-                 f"d_head={p0.d_head}, d_v={p0.d_v}, d_model={p0.d_model}, r={p0.rank}, targets {p0.targets}, "
-                 f"{p0.dtype}, {p0.backend}", fontsize=10)
-    ax.set_ylim(0, max(bounds) * 1.05)
-    ax.legend(handles=legend, **below)
+    ax.set_title("(a) Which method is cheaper")
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
 
-    # (b) cost vs L at a few M
+
+def _plot_cost(bx, points, bounds, cost_bounds, kind):
     shown = _pick([b for b in bounds if any(p.bound == b and p.status == "ok" for p in points)] or bounds,
                   cost_bounds)
     ex = sorted({p.L: p for p in points}.values(), key=lambda p: p.L)
@@ -409,42 +577,47 @@ def plot(points: Sequence[PhasePoint], path, *, cost_bounds=(1, 4, 10), kind: Pl
             bx.plot(*zip(*meas), "o", color=c, ms=6, label=f"poly M={b:g}, measured")
     bx.set_xscale("log", base=2)
     bx.set_yscale("log")
-    bx.set_xlabel("sequence length L (tokens, log scale)")
-    bx.set_ylabel(f"time of loss + all adapter gradients (s, {p0.backend})")
-    bx.set_title(kind.cost_title, fontsize=10)
-    bx.legend(**below)
+    bx.set_xlabel("sequence length L (tokens)")
+    bx.set_ylabel(f"seconds, loss + all gradients ({points[0].backend})")
+    bx.set_title(kind.cost_title)
+    bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     bx.grid(alpha=0.3, which="both")
 
-    # (c) error vs M
+
+def _plot_error(cx, points, bounds):
+    p0 = points[0]
     ok = sorted({p.bound: p for p in points if p.status == "ok"}.values(), key=lambda p: p.bound)
     if ok:
-        cx.plot([p.bound for p in ok], [p.approx_error for p in ok], "o-", color="tab:blue",
-                label="max rel. error of p ~ exp on [-M, M] (chosen g)")
-        cx.plot([p.bound for p in ok], [max(p.rounding_error, 1e-17) for p in ok], "^:", color="tab:orange",
-                label="estimated rounding error (compute dtype)")
+        ms = [p.bound for p in ok]
+        cx.plot(ms, [p.approx_error for p in ok], "o-", color="tab:blue", label="approximation: max rel. error "
+                "of p ~ exp on [-M, M]")
+        for name, colour, marker in (("float32", "tab:orange", "^"), ("float64", "tab:brown", "v")):
+            errs = [max(getattr(p, f"rounding_error_{name}"), 1e-17) for p in ok]
+            cx.plot(ms, errs, ":", color=colour, lw=1.5)
+            used = [p.compute_dtype == name for p in ok]
+            cx.scatter(ms, errs, marker=marker, s=45, edgecolors=colour, linewidths=1.3, zorder=3,
+                       facecolors=[colour if u else "white" for u in used],
+                       label=f"estimated {name} rounding (filled: features in {name})")
     row = [p for p in points if p.grad_error is not None]
     if row:
         ls = sorted({p.L for p in row})
         which = f"L = {ls[0]}" if len(ls) == 1 else f"one cross per L = {ls[0]}..{ls[-1]}"
         cx.plot([p.bound for p in row], [max(p.grad_error, 1e-17) for p in row], "x", color="tab:red", ms=7,
                 mew=1.5, label=f"measured worst gradient error ({which})")
+    switch = _float64_switch(points)
     if switch is not None:
-        cx.axvline(switch, color="tab:orange", ls=":", lw=2,
-                   label=f"{p0.dtype} features to the left, float64 to the right")
+        cx.axvline(switch, color="tab:orange", ls=":", lw=2, label=f"{p0.dtype} features left, float64 right")
     cx.axhline(p0.tol, color="k", lw=1.5, label=f"tol = {p0.tol:g}")
-    cx.axhline(_ERROR_FACTOR * p0.tol, color="k", ls="--", lw=1,
-               label=f"{_ERROR_FACTOR} tol (documented gradient bound)")
+    cx.axhline(_ERROR_FACTOR * p0.tol, color="k", ls="--", lw=1, label=f"{_ERROR_FACTOR} tol (documented "
+               "gradient bound)")
+    cx.set_xscale("log")
+    _log_bound_axis(cx.xaxis, bounds)
     cx.set_yscale("log")
-    cx.set_xlabel("score bound M (dimensionless)")
-    cx.set_ylabel("relative error (Frobenius for gradients; max for exp)")
-    cx.set_title("(c) Error of the polynomial method vs M\n"
-                 "(worst adapter gradient B or A against exact)", fontsize=10)
-    cx.legend(**{**below, "ncol": 1})
+    cx.set_xlabel("score bound M")
+    cx.set_ylabel("relative error")
+    cx.set_title("(c) Error of the polynomial method vs M\n(gradients: worst adapter B or A against exact)")
+    cx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     cx.grid(alpha=0.3, which="both")
-
-    fig.suptitle(kind.title, fontsize=13)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 MATRIX = PlotKind(

@@ -132,7 +132,7 @@ def time_call(fn, *, min_time=0.2, max_repeat=3, timer=time.perf_counter):
 
 
 def kernel_vs_twin(kernel, twin, inputs, xp, *, error=rel_error) -> dict:
-    """Errors of ``kernel`` against its NumPy ``twin`` (STYLE item 11), as a JSON-able dict.
+    """Errors of ``kernel`` against its NumPy ``twin`` (docs/math.md section 7), as a JSON-able dict.
 
     ``inputs`` (host arrays) are run in float64 and rounded to float32. The kernel gets ``xp`` copies with
     every :func:`gpulora.backend.empty` allocation NaN-poisoned (an unwritten element shows); its float64

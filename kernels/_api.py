@@ -36,9 +36,14 @@ __all__ = [
 _FLOATS = ("float32", "float64")
 
 
+# What to install: [ptx] compiles and simulates without a GPU; a GPU machine has it through [cuda12]/[cuda13].
+INSTALL_HINT = ("pip install 'gpulora[ptx]' (numba-cuda with the CUDA 13 NVVM/NVRTC wheels), or on a GPU "
+                "machine 'gpulora[cuda13]' / 'gpulora[cuda12]'")
+
+
 def _require_numba():
     if _IMPORT_ERROR is not None:
-        raise ImportError(f"gpulora.kernels needs numba-cuda: {_IMPORT_ERROR}") from _IMPORT_ERROR
+        raise ImportError(f"gpulora.kernels needs numba-cuda ({_IMPORT_ERROR}): {INSTALL_HINT}") from _IMPORT_ERROR
 
 
 def compile_ptx_all(cc=(9, 0)) -> dict[str, str]:
@@ -52,9 +57,8 @@ def compile_ptx_all(cc=(9, 0)) -> dict[str, str]:
     Raises
     ------
     ImportError
-        If numba-cuda is not installed.
-    numba.cuda.cudadrv.error.NvvmSupportError
-        If its NVVM library is missing (install ``numba-cuda[cu13]`` or ``[cu12]``).
+        If numba-cuda, or its NVVM/NVRTC libraries, are not installed; the message names the extra to
+        install (:data:`INSTALL_HINT`).
     """
     _require_numba()
     from numba import cuda
@@ -64,9 +68,22 @@ def compile_ptx_all(cc=(9, 0)) -> dict[str, str]:
         pyfunc = getattr(kernel, "py_func", kernel)
         for sig in signatures:
             dtype = re.search(r"float(?:32|64)", sig).group(0)
-            text, _ = cuda.compile_ptx(pyfunc, sig, cc=tuple(cc))
+            try:
+                text, _ = cuda.compile_ptx(pyfunc, sig, cc=tuple(cc))
+            except (ImportError, RuntimeError, OSError) as exc:
+                if not _missing_cuda_library(exc):
+                    raise
+                raise ImportError(f"compiling gpulora's kernels to PTX needs the NVVM and NVRTC libraries, "
+                                  f"which were not found ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                                  f"{INSTALL_HINT}") from exc
             ptx[f"{name}[{dtype}]"] = text
     return ptx
+
+
+def _missing_cuda_library(exc: BaseException) -> bool:
+    """True when ``exc`` says a CUDA compiler library (NVVM, NVRTC) could not be found or loaded."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("nvvm", "nvrtc", "libnotfound", "cannot open shared object"))
 
 
 @functools.lru_cache(maxsize=1)

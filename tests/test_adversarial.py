@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import gpulora
 from gpulora.cli import main as cli_main
-from gpulora.cli import save_problem
+from gpulora.io import save_problem
 from gpulora.poly.budget import FeatureBudgetError
 from gpulora.poly.coefficients import choose, measure
 from gpulora.testing import make_problem, rel_error

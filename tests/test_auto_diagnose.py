@@ -90,7 +90,7 @@ def test_auto_falls_back_to_exact_when_poly_fails_at_run_time(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_max_score_equals_the_dense_maximum(causal):
     from gpulora.adapters import prepare
-    from gpulora.diagnose import exact_max_score
+    from gpulora.diagnosis import exact_max_score
 
     p = make_problem(6, L=97, d_model=8, d_head=3, r=2, targets="qk", batch=2, heads=2, score_bound=3.0)
     pr = prepare(p.head, p.lora, p.x)

@@ -1,15 +1,21 @@
-"""The command line: ``demo``, ``phase`` and ``diagnose`` on tiny sizes, and every error path (status 2, one line)."""
+"""The command line: ``demo``, ``phase`` and ``diagnose`` on tiny sizes, every error path (status 2, one
+line), bugs that keep their traceback, hostile files, ``--version``, progress and flushing."""
 
+import io
 import math
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 
 from gpulora import backend
-from gpulora.cli import main, save_problem
+import gpulora
+from gpulora import cli, phase
+from gpulora.cli import format_speedup, main
+from gpulora.io import save_problem
 from gpulora.phase import read_csv
 from gpulora.testing import make_problem
 
@@ -62,6 +68,7 @@ def test_demo_past_the_transition_runs_exact_only(capsys):
 
 
 def test_phase_writes_png_and_consistent_csv(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the phase figure needs matplotlib: pip install 'gpulora[plot]'")
     png = tmp_path / "phase.png"
     argv = ["phase", "--out", str(png), "--bounds", "0.5,2,20", "--lengths", "64,128,1048576",
             "--time-max-L", "128", "--error-max-L", "128", "--d-model", "8", "--d-head", "4", "--d-v", "4",
@@ -198,3 +205,149 @@ def test_module_entry_point_errors_without_traceback(tmp_path):
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert proc.stderr.startswith("gpulora: error: ") and "Traceback" not in proc.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"gpulora {gpulora.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "gpulora", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gpulora {gpulora.__version__}"
+
+
+@pytest.mark.parametrize("exact, poly, want", [(26.0, 1.0, "poly 26x faster"), (1.0, 26.3, "poly 26x slower"),
+                                               (2.0, 0.8, "poly 2.5x faster"), (0.45, 1.0, "poly 2.2x slower"),
+                                               (1.0, 1.0, "poly 1x faster"), (531.0, 1.0, "poly 531x faster"),
+                                               (1.0, 0.0095, "poly 105x faster")])
+def test_speedup_has_significant_digits(exact, poly, want):
+    assert format_speedup(exact, poly) == want
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_demo", broken)
+    with pytest.raises(KeyError):
+        main(["demo"])
+    monkeypatch.setattr(cli, "_demo", lambda args: {}["also a bug"])
+    with pytest.raises(KeyError):
+        main(["demo", "--L", "64"])
+
+
+def test_debug_shows_user_errors_with_traceback(monkeypatch, tmp_path, capsys):
+    missing = str(tmp_path / "missing.npz")
+    assert main(["diagnose", missing]) == 2
+    with pytest.raises(cli.CLIError, match="no such file"):
+        main(["diagnose", missing, "--debug"])
+    with pytest.raises(cli.CLIError):
+        main(["--debug", "demo", "--L", "0"])
+    monkeypatch.setenv("GPULORA_DEBUG", "1")
+    with pytest.raises(cli.CLIError):
+        main(["diagnose", missing])
+    out = capsys.readouterr()
+    assert "--debug" in cli.build_parser().format_help() and "GPULORA_DEBUG" in cli.build_parser().format_help()
+    assert out.out == ""
+
+
+def _npy_header(shape, descr="<f4"):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _archive(path, members, compression=zipfile.ZIP_STORED):
+    w = np.ones((3, 2))
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
+        for key in ("w_q", "w_k", "w_v"):
+            buf = io.BytesIO()
+            np.save(buf, w)
+            z.writestr(key + ".npy", buf.getvalue())
+        for name, chunks in members.items():
+            with z.open(name, "w", force_zip64=True) as m:
+                for c in chunks:
+                    m.write(c)
+    return str(path)
+
+
+def _one_line_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gpulora: error: ") and "Traceback" not in err
+    return err
+
+
+def test_hostile_files_are_refused_from_their_headers(tmp_path, capsys):
+    # a header declaring 149 GiB in a file of about a kilobyte
+    forged = _archive(tmp_path / "forged.npz", {"x.npy": [_npy_header((40000, 1000000)), bytes(64)]})
+    err = _one_line_error(["diagnose", forged], capsys)
+    assert "declares a (40000, 1000000) float32 array of 149 GiB" in err and "limit of 2 GiB" in err
+    # an archive that inflates to 64 times its size (the 4 GiB case with a 4 MiB file, scaled down), refused
+    # against a lowered limit before a byte is inflated
+    bomb = _archive(tmp_path / "bomb.npz", {"x.npy": [_npy_header((1 << 19, 4))] + [bytes(1 << 20)] * 8},
+                    compression=zipfile.ZIP_DEFLATED)
+    assert os.path.getsize(bomb) < (1 << 20) // 8
+    err = _one_line_error(["diagnose", bomb, "--max-bytes", str(1 << 20)], capsys)
+    assert "declares a (524288, 4) float32 array of 8 MiB, more than the limit of 1 MiB" in err
+    # within the limit but the header promises more than the member holds
+    short = _archive(tmp_path / "short.npz", {"x.npy": [_npy_header((1000, 3)), bytes(100)]})
+    err = _one_line_error(["diagnose", short], capsys)
+    assert "is not a complete array" in err and "(1000, 3)" in err
+    # the sum over members counts too
+    two = _archive(tmp_path / "two.npz", {"x.npy": [_npy_header((100, 3), "<f8"), bytes(2400)],
+                                          "B_q.npy": [_npy_header((100, 3), "<f8"), bytes(2400)]})
+    err = _one_line_error(["diagnose", two, "--max-bytes", "4000"], capsys)
+    assert "in all, more than the limit" in err
+
+
+def test_each_file_error_says_what_the_file_is_not(tmp_path, capsys):
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    assert "not a .npz archive (not a zip file" in _one_line_error(["diagnose", readme], capsys)
+    assert "a directory, not a .npz file" in _one_line_error(["diagnose", str(tmp_path)], capsys)
+    np.save(tmp_path / "a.npy", np.ones(3))
+    assert "a single .npy array (np.save), not a .npz archive" in _one_line_error(
+        ["diagnose", str(tmp_path / "a.npy")], capsys)
+    np.savez(tmp_path / "obj.npz", x=np.array([{}], dtype=object))
+    assert "holds Python objects" in _one_line_error(["diagnose", str(tmp_path / "obj.npz")], capsys)
+    with zipfile.ZipFile(tmp_path / "other.npz", "w") as z:
+        z.writestr("notes.txt", "hello")
+    assert "member 'notes.txt' is not a .npy file" in _one_line_error(["diagnose", str(tmp_path / "other.npz")],
+                                                                      capsys)
+    np.savez(tmp_path / "complex.npz", x=np.ones(3, dtype=complex))
+    assert "complex128 values, not real numbers" in _one_line_error(["diagnose", str(tmp_path / "complex.npz")],
+                                                                    capsys)
+
+
+def test_missing_plot_extra_is_named(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    err = _one_line_error(["phase", "--out", str(tmp_path / "p.png")], capsys)
+    assert "pip install 'gpulora[plot]'" in err
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    assert isinstance(phase.progress_bar(3, "x"), phase._NoProgress)  # pytest's stderr is not a terminal
+    tqdm = pytest.importorskip("tqdm", reason="progress bars need tqdm: pip install 'gpulora[plot]'")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = phase.progress_bar(3, "x")
+    assert isinstance(bar, tqdm.tqdm)
+    bar.close()
+    assert isinstance(phase.progress_bar(3, "x", enabled=False), phase._NoProgress)
+
+
+def test_piped_output_arrives_line_by_line():
+    """The header reaches a pipe while the demo is still computing (no block buffering until the end)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gpulora", "demo", "--L", "4096", "--d-model", "16",
+                             "--backend", "numpy"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline()
+        still_running = proc.poll() is None
+        rest = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith("gpulora demo:")
+    assert still_running and "speedup" in rest

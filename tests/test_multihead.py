@@ -36,7 +36,7 @@ def _fd(p, causal):
 def test_multihead_gradients_match_finite_differences(case):
     """Exact to FD accuracy (h = 1e-6: rounding of the O(10) loss over 2h gives ~1e-9 absolute, measured
     1e-9..3e-8 relative on these small gradients); poly at tol 1e-7 within 10 tol of the exact loss's
-    differences (the poly gradient is the SPEC-2 formula with F~, not the derivative of a poly loss)."""
+    differences (the poly gradient is the formula of docs/math.md section 2 with F~, not the derivative of a poly loss)."""
     causal = case[-1]
     p = _problem(case)
     fd = _fd(p, causal)

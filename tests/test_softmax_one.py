@@ -51,7 +51,7 @@ def test_forward_is_the_written_out_formula(causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_exact_equals_dense_reference(case, causal):
-    """Blocked exact gradients (forced small blocks: the online path) vs the dense SPEC-2 formula."""
+    """Blocked exact gradients (forced small blocks: the online path) vs the dense formula of docs/math.md section 2."""
     p = _problem(case, score_bound=3.0)
     pr = prepare(p.head, p.lora, p.x, p.y)
     f = dense_weights(pr.beta * pr.q @ pr.k.mT, causal=causal, softmax_one=True)
@@ -65,7 +65,7 @@ def test_exact_equals_dense_reference(case, causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_poly_equals_dense_reference_with_polynomial_weights(case, causal):
-    """Algebra isolation: the poly chains are the SPEC-2 formula with F~ = p(S) / (1 + rowsum p(S))."""
+    """Algebra isolation: the poly chains are the formula of docs/math.md section 2 with F~ = p(S) / (1 + rowsum p(S))."""
     p = _problem(case, score_bound=1.5)
     pr = prepare(p.head, p.lora, p.x, p.y)
     choice = measure("shifted_taylor", 4, 1.5)

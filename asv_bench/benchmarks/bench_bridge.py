@@ -80,7 +80,7 @@ class BridgeStep(Benchmark):
         """``(M, max |S|)`` of the layer's scores (SDPA's default scale ``1 / sqrt(d_head)``)."""
         import math
 
-        from gpulora.diagnose import exact_max_score
+        from gpulora.diagnosis import exact_max_score
         from gpulora.poly.chain import score_bound
 
         q, k = (t.detach().cpu().numpy() for t in (self.q, self.k))

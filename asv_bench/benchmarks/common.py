@@ -99,7 +99,7 @@ def score_bounds(prob, *, causal=False) -> tuple[float, float]:
     """``(M, max |S|)`` of a :func:`problem`: the a-priori bound gpulora plans with and the exact maximum
     score (NaN when ``batch H L^2`` exceeds :data:`MAX_SCORE_LIMIT`). Two host reads."""
     from gpulora.adapters import prepare
-    from gpulora.diagnose import exact_max_score
+    from gpulora.diagnosis import exact_max_score
     from gpulora.poly.chain import score_bound
 
     p = prepare(prob.head, prob.lora, prob.x)

@@ -19,7 +19,7 @@ Three families, each given by monomial coefficients ``c_0 .. c_g`` of ``p(t) = s
 of ``L``). The rounding error is estimated as ``u * kappa`` with ``u`` the unit roundoff of the compute
 dtype and ``kappa = sum_m |c_m| M^m / min_{[-M, M]} p`` the cancellation factor: the feature dot product
 ``phi(q) . psi(k)`` adds terms of total size up to ``sum_m |c_m| (|q| |k|)^m`` to produce a value as small
-as ``p(-M) ~ e^-M`` (for taylor ``kappa ~ e^{2M}``). Against the measured table of SPEC section 7 the
+as ``p(-M) ~ e^-M`` (for taylor ``kappa ~ e^{2M}``; docs/math.md section 7). Against measured rounding errors the
 estimate is conservative by 3..20x. A problem is computed in its input dtype when approximation plus
 rounding stay within ``tol``, else in float64; when even float64 cannot, :func:`choose` refuses.
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..diagnose import Diagnosis, _choice_fields
+from ..diagnosis import Diagnosis, _choice_fields
 from ..model import LoRA
 from ..poly.coefficients import DEFAULT_TOL, choose
 from ..validation import check_tol

@@ -5,7 +5,7 @@ Simulator cases run in one subprocess with ``NUMBA_ENABLE_CUDASIM=1`` (the varia
 GPU tests): this file, run as a script, prints the errors of every case as JSON, and the tests below assert
 them case by case. Outputs are NaN-poisoned before each launch, so an unwritten element fails.
 
-Tolerances (STYLE item 11): float64, max elementwise relative error <= 1e-12; float32, the kernel's error
+Tolerances (docs/math.md section 7): float64, max elementwise relative error <= 1e-12; float32, the kernel's error
 against the float64 twin at most twice the float32 twin's error plus one float32 epsilon.
 """
 
@@ -84,7 +84,7 @@ def run_case(case, xp, seed=0):
 
 @pytest.fixture(scope="module")
 def sim_results():
-    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed: pip install 'gpulora[ptx]'")
     return simulator_results(__file__)
 
 

@@ -6,7 +6,7 @@ of every case as JSON and the tests below assert them case by case. Outputs are 
 launch, so an unwritten element fails. Under the simulator the tiles are 8 wide (``BLOCK = 4``), so these
 sizes span several tiles on every axis, with ragged edges.
 
-Tolerances (STYLE item 11), relative Frobenius error: float64 <= 1e-12; float32, the kernel's error against
+Tolerances (docs/math.md section 7), relative Frobenius error: float64 <= 1e-12; float32, the kernel's error against
 the float64 twin at most twice the float32 twin's error plus one float32 epsilon.
 """
 
@@ -68,7 +68,7 @@ def run_case(case, xp, op, seed=0):
 
 @pytest.fixture(scope="module")
 def sim_results():
-    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed: pip install 'gpulora[ptx]'")
     return simulator_results(__file__)
 
 

@@ -32,7 +32,7 @@ ALGEBRA_CASES = [
 @pytest.mark.parametrize("case", ALGEBRA_CASES,
                          ids=["L{}-dh{}-dv{}-b{}-H{}-sm1{}-{}-g{}-C{}-m{}".format(*c) for c in ALGEBRA_CASES])
 def test_causal_chain_equals_dense_formula_with_masked_polynomial_weights(case):
-    """SPEC sections 4-5: the chunked chain is section 2 with the causal F~, to float64 rounding."""
+    """docs/math.md sections 4 and 5: the chunked chain is section 2 with the causal F~, to float64 rounding."""
     L, d_head, d_v, batch, heads, softmax_one, family, degree, chunk, group = case
     p = make_problem(21, L=L, d_model=7, d_head=d_head, d_v=d_v, r=2, targets="qkv", batch=batch, heads=heads,
                      softmax_one=softmax_one, score_bound=1.5)

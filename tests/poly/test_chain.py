@@ -25,7 +25,7 @@ ALGEBRA_CASES = [
 
 @pytest.mark.parametrize("case", ALGEBRA_CASES, ids=["L{}-dh{}-dv{}-{}-b{}-H{}-sm1{}-{}-g{}".format(*c) for c in ALGEBRA_CASES])
 def test_chain_equals_dense_formula_with_polynomial_weights(case):
-    """SPEC section 4: the chain is section 2 evaluated with F~ = rownormalise(p(S)), to float64 rounding."""
+    """docs/math.md section 4: the chain is section 2 evaluated with F~ = rownormalise(p(S)), to float64 rounding."""
     L, d_head, d_v, targets, batch, heads, softmax_one, family, degree = case
     p = make_problem(11, L=L, d_model=7, d_head=d_head, d_v=d_v, r=2, targets=targets, batch=batch, heads=heads,
                      softmax_one=softmax_one, score_bound=1.5)

@@ -5,8 +5,8 @@ import pytest
 
 from gpulora.poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, measure, choose, coefficients, evaluate
 
-# SPEC section 3, measured in float64: smallest degree with max relative error <= tol on [-M, M]
-SPEC_DEGREES = {
+# docs/math.md section 3, measured in float64: smallest degree with max relative error <= tol on [-M, M]
+MATH_DOC_DEGREES = {
     0.5: {"taylor": (2, 4, 7), "shifted_taylor": (2, 5, 9), "chebyshev": (1, 3, 6)},
     1: {"taylor": (3, 6, 9), "shifted_taylor": (4, 8, 12), "chebyshev": (2, 5, 7)},
     2: {"taylor": (7, 10, 14), "shifted_taylor": (7, 11, 17), "chebyshev": (5, 7, 10)},
@@ -14,10 +14,10 @@ SPEC_DEGREES = {
 }
 
 
-@pytest.mark.parametrize("M", sorted(SPEC_DEGREES))
+@pytest.mark.parametrize("M", sorted(MATH_DOC_DEGREES))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_smallest_degrees_match_the_spec_table(M, family):
-    for tol, want in zip((1e-1, 1e-3, 1e-6), SPEC_DEGREES[M][family]):
+def test_smallest_degrees_match_the_math_doc_table(M, family):
+    for tol, want in zip((1e-1, 1e-3, 1e-6), MATH_DOC_DEGREES[M][family]):
         choice, _ = choose(M, tol=tol, family=family)
         assert choice.degree == want
 
@@ -56,7 +56,7 @@ def test_taylor_odd_degree_goes_negative_and_is_refused():
 
 
 def test_precision_choice_follows_the_rounding_estimate():
-    # SPEC section 7: float32 holds tol 1e-3 to about M = 6 (our estimate is conservative), float64 to ~15
+    # docs/math.md section 7: float32 holds tol 1e-3 to about M = 6 (our estimate is conservative), float64 to ~15
     c, dt = choose(1.0, tol=1e-3, dtype=np.float32)
     assert dt == np.float32
     c, dt = choose(6.0, tol=1e-3, dtype=np.float32)

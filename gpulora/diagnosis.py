@@ -6,7 +6,7 @@ cheap bound ``M = beta max|q_i| max|k_j|``, the exact ``max |S|`` when ``L`` is 
 the threshold scale, the degree/family/features that ``tol`` needs (and the precision the rounding
 allows), and the estimated cost of both methods.
 
-What it tells users plainly (SPEC section 7, measured on pretrained MiniLM heads): trained attention heads
+What it tells users plainly (docs/math.md section 7, measured on pretrained MiniLM heads): trained attention heads
 sit far above the threshold (median ``max |S|`` 7..10, ``1.4..1.8 log L``); the cheap bound is not loose, the
 scores are large; float32 rounding limits the polynomial to ``M`` about 6 at tol 1e-3 and float64 to about
 15. The poly path is for heads whose scores are bounded by construction (QK-norm at a small fixed
