@@ -40,7 +40,8 @@ def test_extras_hold_what_the_docs_say(project):
     extras = {k: {_name(r)[0]: _name(r)[1] for r in v} for k, v in project["optional-dependencies"].items()}
     assert extras["cuda12"]["numba-cuda"] == {"cu12"} and "cupy-cuda12x" in extras["cuda12"]
     assert extras["cuda13"]["numba-cuda"] == {"cu13"} and "cupy-cuda13x" in extras["cuda13"]
-    assert extras["ptx"] == {"numba-cuda": {"cu13"}}
+    assert extras["ptx"] == {"numba-cuda": {"cu13"}, "numpy": set()}  # numpy<2.5 beside numba-cuda
+    assert all("numpy" in extras[e] for e in ("cuda12", "cuda13"))
     assert set(extras["plot"]) == {"matplotlib", "tqdm"}
     assert {"pytest", "hypothesis", "array-api-strict", "ml-dtypes"} <= set(extras["test"])
     # [test] brings no CUDA wheel, so it resolves beside [cuda12] as beside [cuda13] (by construction)
