@@ -102,12 +102,26 @@ def exact_max_score(q, k, beta, *, causal=False) -> float:
     return backend.to_float(best)  # one host read
 
 
-def _regime(m: float, threshold: float, log_L: float) -> str:
+_REGIMES = {
+    "below sqrt(log L)": "below the threshold (bounded entries): the polynomial method can be almost linear in L",
+    "between sqrt(log L) and log L": "in the transition (sqrt(log L) < M <= log L): poly works only at moderate "
+                                     "L, d_head and tol",
+    "above log L": "above the threshold (M > log L): no sub-quadratic algorithm is expected (SETH); use exact",
+}
+
+
+def regime_key(m: float, threshold: float, log_L: float) -> str:
+    """Where a score bound ``m`` sits against ``threshold`` (``sqrt(log L)``) and ``log L``: a key of
+    :data:`_REGIMES` (the survey's CSV column; :func:`diagnose` prints its explanation)."""
     if m <= threshold:
-        return "below the threshold (bounded entries): the polynomial method can be almost linear in L"
+        return "below sqrt(log L)"
     if m <= log_L:
-        return "in the transition (sqrt(log L) < M <= log L): poly works only at moderate L, d_head and tol"
-    return "above the threshold (M > log L): no sub-quadratic algorithm is expected (SETH); use exact"
+        return "between sqrt(log L) and log L"
+    return "above log L"
+
+
+def _regime(m: float, threshold: float, log_L: float) -> str:
+    return _REGIMES[regime_key(m, threshold, log_L)]
 
 
 def _choice_fields(choice, compute, d_head: int) -> dict:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import cost
-from .poly.budget import check_budget, poly_bytes
+from .diagnosis import regime_key
 from .poly.coefficients import DEFAULT_TOL, choose
 from .poly.monomials import feature_dim
 from .validation import check_tol
@@ -319,36 +319,24 @@ def largest_served_bound(d_head: int, L: int, tol: float, dtype) -> float:
     return _served(int(d_head), int(L), float(tol), np.dtype(dtype).name)
 
 
-def _poly_fits(m, d_head, L, tol, dtype):
-    """``(choice, compute_dtype)`` of the polynomial ``tol`` needs at bound ``m`` within the feature budget
-    for one head of ``L`` tokens (``d_v = d_head``), else ``None``."""
-    try:
-        choice, compute = choose(float(m), tol=tol, dtype=np.dtype(dtype))
-        k = feature_dim(d_head, choice.degree)
-        check_budget(d_head, choice.degree,
-                     nbytes=poly_bytes(1, L, k, d_head, d_head, np.dtype(compute).itemsize))
-    except ValueError:  # no polynomial meets tol, or FeatureBudgetError
-        return None
-    return choice, compute
+def _auto_plan(m, d_head, L, tol, dtype, *, d_v=None, causal=False, lead=1):
+    """The plan of ``method="auto"`` (:func:`gpulora.dispatch.plan_for_bound`: polynomial choice, feature
+    budget, cost model) for ``lead`` heads of ``L`` tokens at bound ``m`` (``d_v`` defaults to ``d_head``)."""
+    from .dispatch import plan_for_bound
+
+    return plan_for_bound(float(m), "auto", dtype=np.dtype(dtype), lead=lead, L=int(L), d_head=d_head,
+                          d_v=d_head if d_v is None else d_v, causal=causal, tol=tol)
 
 
 @functools.lru_cache(maxsize=256)
 def _served(d_head, L, tol, dtype) -> float:
     best = 0.0
     for m in _SERVE_GRID:
-        fit = _poly_fits(m, d_head, L, tol, dtype)
-        if fit is None or np.dtype(fit[1]) != np.dtype(dtype):
+        p = _auto_plan(m, d_head, L, tol, dtype)
+        if p.choice is None or np.dtype(p.compute_dtype) != np.dtype(dtype):
             break
         best = float(m)
     return best
-
-
-def _regime(m: float, threshold: float, log_L: float) -> str:
-    if m <= threshold:
-        return "below sqrt(log L)"
-    if m <= log_L:
-        return "between sqrt(log L) and log L"
-    return "above log L"
 
 
 def _softmax_out(s, v, valid):
@@ -387,15 +375,10 @@ def head_problem(q, k, v, beta, dtype):
     return Head(w_q, w_k, w_v, beta=beta), lora, x
 
 
-def _plan(q, k, v, beta, tol, dtype, causal):
-    """What ``method="auto"`` of :func:`gpulora.lora_grad` decides for this head (its own planner) and the
-    estimated cost of both methods."""
-    from .adapters import prepare
-    from .dispatch import plan
-
-    head, lora, x = head_problem(q, k, v, beta, dtype)
-    p = plan(prepare(head, lora, x).attention(causal), "auto", tol=tol, targets=lora.targets)
-    L, d_head, d_v = q.shape[-2], q.shape[-1], v.shape[-1]
+def _plan(bound, batch, L, d_head, d_v, tol, dtype, causal):
+    """What ``method="auto"`` of :func:`gpulora.lora_grad` decides for this head over ``batch`` texts (its
+    own planner, :func:`gpulora.dispatch.plan_for_bound`) and the estimated cost of both methods per text."""
+    p = _auto_plan(bound, d_head, L, tol, dtype, d_v=d_v, causal=causal, lead=batch)
     t_exact = cost.exact_seconds(L, d_head, d_v, causal=causal)
     t_poly = None
     if p.choice is not None:
@@ -433,12 +416,13 @@ def _head_records(state, layer, L, tol, dtype):
         ref = _softmax_out(s, vh, ok)
         ch32 = _change(s, vh, ok, ref, served["float32"], max_abs)
         ch64 = _change(s, vh, ok, ref, served["float64"], max_abs)
-        choice, compute, method, t_exact, t_poly = _plan(q[:, h], k[:, h], v[:, h], beta, tol, dtype, causal)
+        choice, compute, method, t_exact, t_poly = _plan(bound, q.shape[0], L, d_head, v.shape[-1], tol, dtype,
+                                                         causal)
         thr, log_L = cost.log_threshold(L), math.log(max(L, 2))
         records.append(HeadRecord(
             layer=layer, head=h, L=L, d_head=d_head, beta=beta, bound=bound, max_score=max_abs,
             p50=float(pct[0]), p90=float(pct[1]), p99=float(pct[2]), sqrt_log_L=thr, log_L=log_L,
-            regime=_regime(max_abs, thr, log_L), tol=tol,
+            regime=regime_key(max_abs, thr, log_L), tol=tol,
             family=None if choice is None else choice.family,
             degree=None if choice is None else choice.degree,
             features=None if choice is None else choice.features(d_head),
@@ -519,19 +503,13 @@ def survey(model="all-MiniLM-L6-v2", *, texts: Sequence[str] | None = None, leng
 # ----------------------------------------------------------------------------------------------- plot
 def regions(d_head: int, d_v: int, tol: float, dtype, bounds, lengths) -> np.ndarray:
     """The phase diagram's regions on a ``(len(bounds), len(lengths))`` grid, as ``method="auto"`` decides
-    them from the polynomial choice, the feature budget and the cost model (:mod:`gpulora.cost`):
-    0 = poly cheaper, 1 = exact cheaper, 2 = no polynomial meets ``tol`` within the budget."""
+    them (:func:`gpulora.dispatch.plan_for_bound`: the polynomial choice, the feature budget and the cost
+    model): 0 = poly cheaper, 1 = exact cheaper, 2 = no polynomial meets ``tol`` within the budget."""
     out = np.empty((len(bounds), len(lengths)), dtype=np.int8)
     for i, m in enumerate(bounds):
         for j, L in enumerate(lengths):
-            fit = _poly_fits(m, d_head, int(L), tol, dtype)
-            if fit is None:
-                out[i, j] = 2
-                continue
-            k, up = fit[0].features(d_head), np.dtype(fit[1]) != np.dtype(dtype)
-            cheaper = cost.poly_seconds(int(L), d_head, d_v, k, float64_features=up) < cost.exact_seconds(
-                int(L), d_head, d_v)
-            out[i, j] = 0 if cheaper else 1
+            p = _auto_plan(m, d_head, L, tol, dtype)
+            out[i, j] = 2 if p.choice is None else (0 if p.method == "poly" else 1)
     return out
 
 
