@@ -253,3 +253,37 @@ def test_real_models_csv_is_what_the_survey_gives_now():
         assert r.max_score == pytest.approx(float(w["max_score"]), rel=1e-9)
         assert r.method == w["method"]
         assert r.clipped_change_float32 == pytest.approx(float(w["clipped_change_float32"]), rel=1e-6)
+
+
+def test_prose_figures_follow_from_the_csv():
+    """The ranges the README and docs/real-models.md quote in words are those of the committed survey CSV."""
+    import csv
+
+    with open(DOCS / "real-models.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_L = {}
+    for r in rows:
+        by_L.setdefault(int(r["L"]), []).append(r)
+
+    def col(name, f):
+        return [f([float(r[name]) for r in rs]) for _, rs in sorted(by_L.items())]
+
+    med, worst = col("max_score", np.median), col("max_score", max)
+    clip = col("clipped_change_float32", np.median)
+    scale = col("scaled_change_float32", np.median)
+    ratio = np.median([float(r["bound"]) / float(r["max_score"]) for r in rows])
+    below = sum(float(r["max_score"]) < float(r["sqrt_log_L"]) for r in rows)
+    assert below == 0
+    readme = (DOCS.parent / "README.md").read_text()
+    doc = (DOCS / "real-models.md").read_text()
+    said = {
+        f"{round(min(med))}..{round(max(med))}": readme, f"{round(min(med))} to {round(max(med))}": doc,
+        f"{round(min(worst), -1):.0f}..{5 * round(max(worst) / 5):.0f}": readme,
+        f"{round(min(worst), -1):.0f} to {5 * round(max(worst) / 5):.0f}": doc,
+        f"about {ratio:.1f} times": readme + doc,
+        f"{round(100 * min(clip))}..{round(100 * max(clip))} %": readme,
+        f"{round(100 * min(clip))} to {round(100 * max(clip))} %": doc,
+        f"{round(100 * min(scale))} to {round(100 * max(scale))} %": doc,
+    }
+    for phrase, text in said.items():
+        assert phrase in " ".join(text.split()), phrase
