@@ -31,6 +31,14 @@ block's right-hand side is one row-wise Kronecker product and its readout one ba
 3. :func:`key_grad_pass` (key blocks, given the summed query states): ``Psi_b`` times that grid gives
    ``dV`` (its ``R_G`` part) and ``dK = beta ([-1 | V] . [R_Q; T_Q])`` row by row.
 
+**Lifted states.** A Kronecker grid ``Z^T (A (x) [1 | z])`` needs no Kronecker product: ``z^a z_c`` is
+itself a plain monomial, of degree ``|a| + 1`` (:func:`gpulora.poly.monomials.raise_index`), so the grid is
+a gather of the rows of ``Mono^T A``, ``Mono`` the ``k' = C(d + g + 1, g + 1)`` monomials of degree
+``<= g + 1``: ``k' (1 + d_v)`` columns of GEMM per row instead of ``k (1 + d_v) (1 + d_head)``, about
+``g + 1`` times fewer flops, for ``k' - k`` more monomials per row. Passes 1 and 2 build their states so
+where :func:`lift_states` finds it cheaper (every measured shape on the CPU; none on the GPU with today's
+feature-map kernel); the states are the same sums either way, to rounding.
+
 The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
 ``k x W`` states, once, instead of to every ``Lb x k`` block. Every block is held feature-major (features
 ``(k, Lb)``, right-hand sides and products ``(W, Lb)``, as the feature map builds them), so that the
@@ -89,10 +97,11 @@ from typing import Any
 import numpy as np
 
 from .. import backend
+from .budget import MAX_FEATURES
 from .coefficients import PolyChoice, evaluate
 from .features import feature_scales, monomial_features
-from .monomials import monomial_table
-from .products import kron_cols, kron_rows, row_sums
+from .monomials import feature_dim, monomial_table, raise_index
+from .products import kron_cols, kron_rows, row_sums, weighted_rows
 
 __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", "QueryState", "block_rows",
            "check_extreme_pairs", "check_mask", "check_normaliser", "check_normaliser_ratio", "key_grad_pass",
@@ -330,11 +339,13 @@ class _Features:
 
     Called, it gives the scaled features; :meth:`rows` gives the plain monomials ``z^a`` of a block (the
     passes apply the per-feature ``scale`` to their ``k x W`` states instead: one pass over ``Lb x k``
-    fewer per block).
+    fewer per block). ``lift=True`` builds the monomials of degree ``<= g + 1`` instead (``k_built`` of
+    them; the first ``k`` are those of degree ``<= g``), for the lifted states (:meth:`lifted`).
     """
 
-    def __init__(self, xp, d: int, choice: PolyChoice, side: str, dtype):
+    def __init__(self, xp, d: int, choice: PolyChoice, side: str, dtype, lift: bool = False):
         self.table = monomial_table(d, choice.degree)
+        self.built = monomial_table(d, choice.degree + 1) if lift else self.table
         self.scale = xp.asarray(feature_scales(choice.coef, d, side), dtype=dtype)
         self.dtype = dtype
         self.xp = xp
@@ -343,18 +354,60 @@ class _Features:
     def k(self) -> int:
         return self.table.k
 
+    @property
+    def k_built(self) -> int:
+        return self.built.k
+
     def __call__(self, z):
         return monomial_features(z, self.table, self.scale, self.xp)
 
     def rows(self, a, lo, hi, factor=None):
         """Rows ``lo:hi`` of ``a`` in the compute dtype, and the plain monomials of those rows times ``factor``,
-        feature-major: ``(..., k, Lb)`` (the layout they are built in; every pass works on long rows)."""
+        feature-major: ``(..., k_built, Lb)`` (the layout they are built in; every pass works on long rows)."""
         z = _cast(self.xp, a[..., lo:hi, :], self.dtype)
-        return z, monomial_features(z if factor is None else factor * z, self.table, None, self.xp).mT
+        return z, monomial_features(z if factor is None else factor * z, self.built, None, self.xp).mT
 
     def scaled(self, states):
         """``diag(scale) states`` for ``states (..., k, W)``."""
         return self.scale[:, None] * states
+
+    def lifted(self, states, factor=1.0):
+        """The Kronecker grid ``Z^T (A (x) [1 | z])`` of shape ``(..., k, P (1 + d))`` (column ``a (1 + d) + c``)
+        from the lifted sums ``states = Mono^T A`` of shape ``(..., k_built, P)``, ``Mono`` the monomials of
+        degree ``<= g + 1`` of the rows ``factor * z``: ``z^a(m) z_c = z^a(up[m, c]) / factor``
+        (:func:`gpulora.poly.monomials.raise_index`), so the grid is a gather of rows, no arithmetic on
+        ``L``. Cost ``O(k d P)``."""
+        xp, k, d = self.xp, self.table.k, self.table.d
+        cols = np.concatenate([np.arange(k, dtype=np.int64)[:, None], raise_index(d, self.table.g)], axis=1)
+        grid = xp.take(states, xp.asarray(cols.reshape(-1)), axis=-2)  # (..., k (1 + d), P)
+        grid = xp.reshape(grid, states.shape[:-2] + (k, 1 + d, states.shape[-1])).mT  # (..., k, P, 1 + d)
+        if factor != 1.0:
+            grid = grid * xp.asarray([1.0] + [1.0 / factor] * d, dtype=states.dtype)
+        return xp.reshape(grid, states.shape[:-2] + (k, states.shape[-1] * (1 + d)))
+
+
+# Elementwise work per feature element written, in GEMM multiply-adds of the same time (float32, measured):
+# numpy 16: the 2-core CI machine, 0.26..0.45 ns per monomial written by the prefix runs against about
+# 0.025 ns per multiply-add in the thin state GEMMs (57..80 GFLOP/s); cupy 200: the H200, the feature-map
+# kernel at about 200 GB/s against 22.5 TFLOP/s in the fp32 GEMMs (BENCHMARKS.md, GPU figures).
+LIFT_ELEMENTWISE = {"numpy": 16, "cupy": 200}
+
+
+def lift_states(d: int, g: int, d_v: int, cupy: bool = False) -> bool:
+    """Whether the passes build their Kronecker states lifted (:meth:`_Features.lifted`): one GEMM
+    ``Mono^T A`` over the ``k' = C(d + g + 1, g + 1) = k (d + g + 1) / (g + 1)`` monomials of degree
+    ``<= g + 1``, ``A`` of ``1 + d_v`` columns, instead of ``Psi^T (A (x) [1 | z])`` over the
+    ``W = (1 + d_v) (1 + d)`` Kronecker columns: about ``(g + 1)`` times fewer GEMM flops, for ``k' - k``
+    more monomials per row in place of the ``W`` Kronecker products. Chosen where that costs less,
+    ``k' (1 + d_v) + rho (k' - k) < k W + rho W`` with ``rho`` from :data:`LIFT_ELEMENTWISE` (the CPU: every
+    measured shape, e.g. the ``d_head = 8`` key pass 1.4x faster at ``g = 2`` and the whole call 1.4x at
+    ``g = 4``; the GPU: none, with today's feature-map kernel), and the table passes the feature budget."""
+    k, k1 = feature_dim(d, g), feature_dim(d, g + 1)
+    if k1 > MAX_FEATURES:
+        return False
+    rho = LIFT_ELEMENTWISE["cupy" if cupy else "numpy"]
+    width = (1 + d_v) * (1 + d)
+    return k1 * (1 + d_v) + rho * (k1 - k) < k * width + rho * width
 
 
 def _cast(xp, a, dtype):
@@ -445,14 +498,18 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     dtype = k.dtype if compute_dtype is None else compute_dtype
     lead, (L, d_head), d_v = k.shape[:-2], k.shape[-2:], v.shape[-1]
     with_k = "q" in need
-    feat = _Features(xp, d_head, choice, "key", dtype)
-    width = KeyState.width(d_v, d_head, with_k)
-    data = xp.zeros(lead + (feat.k, width), dtype=dtype)
+    lift = with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(k))
+    feat = _Features(xp, d_head, choice, "key", dtype, lift=lift)
+    width = 1 + d_v if lift or not with_k else KeyState.width(d_v, d_head, with_k)
+    data = xp.zeros(lead + (feat.k_built, width), dtype=dtype)
     cv, ck = _Rows(xp), _Rows(xp)
-    for lo, hi, psi in _rebuilt(feat, k, key_mask, _pass_blocks(xp, k, L, lead, feat.k, width, dtype, budget)):
+    blocks = _pass_blocks(xp, k, L, lead, feat.k_built, width, dtype, budget)
+    for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
         v1 = cv(1.0, _cast(xp, v[..., lo:hi, :], dtype))  # [1; V^T], (..., 1 + d_v, Lb)
-        rhs = kron_cols(v1, ck(1.0, _cast(xp, k[..., lo:hi, :], dtype)), xp) if with_k else v1
-        data += psi @ rhs.mT  # psi (..., k, Lb): Psi_b^T (V' (x) K')
+        rhs = kron_cols(v1, ck(1.0, _cast(xp, k[..., lo:hi, :], dtype)), xp) if with_k and not lift else v1
+        data += psi @ rhs.mT  # psi (..., k or k_built, Lb): Psi_b^T (V' (x) K'), or Mono_b^T V' lifted
+    if lift:
+        data = feat.lifted(data)
     if key_mask is None:
         count = xp.full(lead, float(L), dtype=xp.float64)
     else:
@@ -502,15 +559,16 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         raise ValueError("dQ needs key states built with 'q' in need")
     with_state = bool(need & {"k", "v"})
     with_k = "k" in need
-    feat = _Features(xp, d_head, choice, "query", dtype)
+    lift = with_state and with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(q))
+    feat = _Features(xp, d_head, choice, "query", dtype, lift=lift)
     key_states = feat.scaled(keys.data)  # the query scales, once, on k x W
     kw = keys.data.shape[-1]
     qw = QueryState.width(d_v, d_head, with_k)
-    width = kw + (qw if with_state else 0)
+    width = kw + ((1 + d_v if lift else qw) if with_state else 0)
     rows = {"o": backend.empty(lead + (L, d_v), out_dtype, xp)}
     if "q" in need:
         rows["dq"] = backend.empty(lead + (L, d_head), out_dtype, xp)
-    data = xp.zeros(lead + (feat.k, qw), dtype=dtype) if with_state else None
+    data = xp.zeros(lead + (feat.k_built, 1 + d_v) if lift else lead + (feat.k, qw), dtype=dtype) if with_state else None
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
     min_den = xp.full(lead + (1,), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
     cols = 1 + d_head if keys.with_k else 1
@@ -519,8 +577,9 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         key_states = xp.reshape(key_states, key_states.shape[:-2] + (kw,))
     states_t = key_states.mT  # (..., kw, k): every block's product comes out feature-major, (..., kw, Lb)
     cg, cq = _Rows(xp), _Rows(xp)
-    for lo, hi in _pass_blocks(xp, q, L, lead, feat.k, width, dtype, budget):
-        qb, phi = feat.rows(q, lo, hi, beta)  # phi (..., k, Lb)
+    for lo, hi in _pass_blocks(xp, q, L, lead, feat.k_built, width, dtype, budget):
+        qb, mono = feat.rows(q, lo, hi, beta)  # mono (..., k_built, Lb)
+        phi = mono[..., :feat.k, :] if lift else mono
         x = xp.reshape(states_t @ phi, lead + (1 + d_v, cols, hi - lo))  # [[D, U S_K], [O~, U T_K]] * D
         den = x[..., 0, 0, :]  # [..., Lb]
         m = None if query_mask is None else query_mask[..., lo:hi]
@@ -544,14 +603,17 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         if loss is not None:
             loss = loss + 0.5 * xp.sum(g * g, dtype=xp.float64)
         r = xp.sum(g * o, axis=-2, keepdims=True)  # [..., 1, Lb]
-        gw = g * winv
-        rw = r * winv if with_k or "q" in need else None
+        gm = cg(-r, g.mT) * winv  # [-r; G^T] / D, (..., 1 + d_v, Lb)
         if "q" in need:  # dQ^T = [-r | G] / D . beta [U S_K; U T_K] D (beta is in the states), over the grid rows
-            dq = xp.sum(gw[..., :, None, :] * x[..., 1:, 1:, :], axis=-3) - rw * x[..., 0, 1:, :]
-            rows["dq"][..., lo:hi, :] = _cast(xp, dq.mT, out_dtype)
-        if with_state:
-            rhs = kron_cols(cg(rw, gw.mT), cq(1.0, qb), xp) if with_k else gw  # ([r | G] (x) [1 | Q]) / D
-            data += phi @ rhs.mT
+            rows["dq"][..., lo:hi, :] = _cast(xp, weighted_rows(gm, x[..., 1:, :], xp).mT, out_dtype)
+        if lift:  # Mono^T ([-r | G] / D): the grid of [-r | G] (x) [1 | Q], lifted after the pass
+            data += mono @ gm.mT
+        elif with_state:  # ([-r | G] (x) [1 | Q]) / D, or G / D
+            data += phi @ (kron_cols(gm, cq(1.0, qb), xp) if with_k else gm[..., 1:, :]).mT
+    if with_k and data is not None:  # the r row of the grid was summed as -r
+        sign = xp.asarray([-1.0] + [1.0] * d_v, dtype=dtype)
+        data = feat.lifted(data * sign, beta) if lift else xp.reshape(_grid(data, 1 + d_v, xp) * sign[:, None],
+                                                                      data.shape)
     # D_i >= n p_min for every real row, n the keys of its leading index (a row without keys checks nothing)
     count = keys.count[..., None]
     ratio = xp.where(count > 0, xp.astype(min_den, xp.float64) / xp.where(count > 0, count, 1.0), math.inf)
@@ -581,15 +643,15 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
     blocks = _pass_blocks(xp, k, L, lead, feat.k, queries.data.shape[-1], dtype, budget)
+    cv = _Rows(xp)
     for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
         x = xp.reshape(states_t @ psi, lead + (rows_of_grid, -1, hi - lo))  # [..., rows, cols, Lb]
         if "v" in need:
             dv = x[..., 1:, 0, :] if queries.with_k else x[..., 0, :]
             out["dv"][..., lo:hi, :] = _cast(xp, dv.mT, out_dtype)
         if "k" in need:  # dK^T = beta [-1 | V] . [R_Q; T_Q], summed over the grid rows
-            vb = _cast(xp, v[..., lo:hi, :], dtype).mT
-            dk = beta * (xp.sum(vb[..., :, None, :] * x[..., 1:, 1:, :], axis=-3) - x[..., 0, 1:, :])
-            out["dk"][..., lo:hi, :] = _cast(xp, dk.mT, out_dtype)
+            dk = weighted_rows(cv(-1.0, _cast(xp, v[..., lo:hi, :], dtype)), x[..., 1:, :], xp)
+            out["dk"][..., lo:hi, :] = _cast(xp, (beta * dk).mT, out_dtype)
     return out
 
 

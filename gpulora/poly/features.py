@@ -16,17 +16,15 @@ scales, same column order): on CuPy arrays it dispatches to the Numba kernel whe
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
 from .. import backend
 from .coefficients import FAMILIES, coefficients
-from .monomials import MonomialTable, monomial_table
+from .monomials import MonomialTable, monomial_table, prefix_runs
 
-__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "parent_runs",
-           "poly_features"]
+__all__ = ["RUNS_MIN_ROWS", "feature_scales", "monomial_features", "monomial_features_reference", "poly_features"]
 
 
 def feature_scales(coef, d: int, side: str) -> np.ndarray:
@@ -38,29 +36,7 @@ def feature_scales(coef, d: int, side: str) -> np.ndarray:
     return np.sign(w) * scale if side == "query" else scale
 
 
-RUNS_MIN_ROWS = 1024  # measured crossover (d_head 8..16, g 2..4): parent runs win from here on
-
-
-@functools.lru_cache(maxsize=64)
-def parent_runs(d: int, g: int) -> tuple:
-    """The columns of the monomial table for ``(d, g)`` as runs ``(parent, coord, start, stop)``: columns
-    ``start:stop`` are ``z^a(parent) * z[coord:coord + stop - start]`` (the children of one parent take
-    consecutive coordinates, by construction of :func:`gpulora.poly.monomials.monomial_table`).
-    ``C(d + g - 1, g - 1)`` runs, one per monomial of degree ``< g``; the first is ``(0, 0, 1, 1 + d)``,
-    the coordinates themselves. Cached."""
-    table = monomial_table(d, g)
-    runs, j = [], 1
-    while j < table.k:
-        p, c, stop = int(table.parent[j]), int(table.coord[j]), j
-        while stop < table.k and table.parent[stop] == p:
-            stop += 1
-        if not np.array_equal(table.coord[j:stop], np.arange(c, c + stop - j)):
-            raise AssertionError("monomial table: the children of a parent must take consecutive coordinates")
-        runs.append((p, c, j, stop))
-        j = stop
-    if runs and runs[0] != (0, 0, 1, 1 + d):
-        raise AssertionError("monomial table: columns 1..d must be the coordinates")
-    return tuple(runs)
+RUNS_MIN_ROWS = 1024  # measured crossover (d_head 8..16, g 2..4): prefix runs win from here on
 
 
 def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
@@ -80,11 +56,11 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
         ``out[..., a] = scale[a] * z^a``. Cost ``O(L k)`` time and memory. Built feature-major,
         ``(..., k, L)``, so that every operation streams contiguous rows of length ``L``; the result is the
         transposed view (matmuls take either layout without a copy). From :data:`RUNS_MIN_ROWS` rows (over
-        all leading indices) on, parent by parent: the children of each parent are that parent's row times a
-        contiguous slice of the rows of ``z^T`` (:func:`parent_runs`; ``C(d + g - 1, g - 1)`` multiplies, each
-        written in place by :func:`gpulora.backend.multiply_into`: no gather, no temporary). Below, degree by
-        degree (``g`` gathers of the parents and coordinates): fewer, larger operations, which short blocks
-        need.
+        all leading indices) on, coordinate by coordinate: the monomials of one degree and last coordinate
+        ``c`` are a prefix of the previous degree's rows times the row ``z[c]``
+        (:func:`gpulora.poly.monomials.prefix_runs`; ``d (g - 1)`` multiplies, each written in place by
+        :func:`gpulora.backend.multiply_into`: no gather, no temporary). Below, degree by degree (``g``
+        gathers of the parents and coordinates): fewer operations, which short blocks need.
     """
     xp = backend.namespace(z) if xp is None else xp
     lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
@@ -94,8 +70,8 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
         out[..., 1:1 + d, :] = z.mT  # degree 1: the coordinates, C-contiguous rows of z^T
     zt = out[..., 1:1 + d, :]
     if math.prod(lead) * L >= RUNS_MIN_ROWS:
-        for p, c, start, stop in parent_runs(table.d, table.g)[1:]:  # the first run is degree 1
-            backend.multiply_into(out[..., start:stop, :], zt[..., c:c + stop - start, :], out[..., p:p + 1, :])
+        for c, src, stop, dst in prefix_runs(table.d, table.g):
+            backend.multiply_into(out[..., dst:dst + stop - src, :], out[..., src:stop, :], zt[..., c:c + 1, :])
     else:
         starts = table.degree_start
         for m in range(2, table.g + 1):

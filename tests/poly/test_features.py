@@ -57,15 +57,18 @@ def test_chebyshev_query_side_carries_the_signs():
 
 
 @pytest.mark.parametrize("d, g", [(1, 3), (3, 2), (4, 4), (16, 2)])
-def test_parent_runs_and_degree_gathers_build_the_same_columns(d, g, monkeypatch):
-    """The two construction orders of the reference (parent runs from RUNS_MIN_ROWS rows on, degree-wise
-    gathers below) give bit-identical monomials, scaled or plain, and the runs cover every column once."""
+def test_prefix_runs_and_degree_gathers_build_the_same_columns(d, g, monkeypatch):
+    """The two construction orders of the reference (prefix runs from RUNS_MIN_ROWS rows on, degree-wise
+    gathers below) give bit-identical monomials, scaled or plain, and the runs cover every column of
+    degree >= 2 once, d runs per degree at most."""
     from gpulora.poly import features
+    from gpulora.poly.monomials import prefix_runs
 
     table = monomial_table(d, g)
-    runs = features.parent_runs(d, g)
-    covered = np.concatenate([np.arange(a, b) for _, _, a, b in runs])
-    assert np.array_equal(np.sort(covered), np.arange(1, table.k))
+    runs = prefix_runs(d, g)
+    assert len(runs) <= d * max(g - 1, 0)
+    covered = np.concatenate([np.arange(dst, dst + stop - src) for _, src, stop, dst in runs] + [np.arange(0)])
+    assert np.array_equal(np.sort(covered), np.arange(int(table.degree_start[2]), table.k))
     z = np.random.default_rng(d + g).standard_normal((2, 40, d))
     s = feature_scales(coefficients("chebyshev", g, 1.0), d, "query")
     for scale in (s, None):
