@@ -210,3 +210,47 @@ def test_peak_memory_follows_the_budget_not_L_k():
     assert small <= chain.peak_bytes(1, 4096, 70, 4, 4, 8, budget)
     assert big <= chain.peak_bytes(1, 16384, 70, 4, 4, 8, budget)
     assert big - small < 12 * (rows - 4096 * 4 * 8)
+
+
+@pytest.mark.parametrize("d, g", [(1, 2), (3, 1), (3, 2), (4, 3), (8, 2)])
+def test_raise_index_multiplies_by_one_coordinate(d, g):
+    """``up[m, c]`` is the column of ``z^a(m) z_c`` in the table of degree ``g + 1``: exponents rebuilt from the
+    parent chains, every pair checked; the table of degree ``g`` is a prefix of that of ``g + 1``."""
+    from gpulora.poly.monomials import monomial_table, raise_index
+
+    small, big = monomial_table(d, g), monomial_table(d, g + 1)
+    assert np.array_equal(big.parent[:small.k], small.parent) and np.array_equal(big.coord[:small.k], small.coord)
+    exps = np.zeros((big.k, d), dtype=int)
+    for j in range(1, big.k):
+        exps[j] = exps[big.parent[j]]
+        exps[j, big.coord[j]] += 1
+    assert len({tuple(e) for e in exps}) == big.k  # each monomial once
+    up = raise_index(d, g)
+    assert up.shape == (small.k, d)
+    for m, c in itertools.product(range(small.k), range(d)):
+        want = exps[m].copy()
+        want[c] += 1
+        assert np.array_equal(exps[up[m, c]], want), (m, c)
+
+
+@pytest.mark.parametrize("need", [("q", "k", "v"), ("q", "v"), ("k",), ("k", "v")])
+@pytest.mark.parametrize("masks", [False, True], ids=["nomask", "masks"])
+def test_lifted_and_kronecker_states_agree(need, masks, monkeypatch):
+    """The two ways of building the states (lifted monomials, or the Kronecker right-hand side the GPU takes)
+    give the same states and gradients to float64 rounding, whichever :func:`chain.lift_states` would pick."""
+    q, k, v, y, g, beta, km, qm = _inputs(5, 41, d_head=4, d_v=3, masks=masks)
+    choice = measure("chebyshev", 3, 1.5)
+    out = {}
+    for lift in (True, False):
+        monkeypatch.setattr(chain, "lift_states", lambda *a, lift=lift, **kw: lift)
+        keys = chain.key_pass(k, v, choice, need=need, key_mask=km)
+        rows, state = chain.query_pass(q, keys, beta, choice, y=y, query_mask=qm, need=need)
+        out[lift] = (keys.data, state.data, chain.loss_and_grads(q, k, v, y, beta, choice, np.float64, need=need,
+                                                                  key_mask=km, query_mask=qm))
+    for a, b in zip(out[True][:2], out[False][:2]):
+        _assert_close(a, b, "states")
+    for a, b in zip(out[True][2], out[False][2]):
+        if b is None:
+            assert a is None
+        else:
+            _assert_close(a, b, "grads")
