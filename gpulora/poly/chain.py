@@ -109,7 +109,9 @@ __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", 
 
 DEFAULT_BUDGET = 1 << 28  # bytes for one block's arrays, over all leading indices
 MIN_BLOCK_ROWS = 16
-CACHE_BYTES = 2 << 20  # speed: a block's arrays that stay in cache (measured best of 1, 2, 4, 8, 32 MiB)
+# speed: a block's arrays that stay in cache (measured best of 1, 2, 4, 8, 16 MiB with the lifted states:
+# d_head 8, L 65536, float32, qv, g = 2 23.7 -> 22.0 ms and g = 4 128 -> 113 ms from 2 MiB)
+CACHE_BYTES = 4 << 20
 FAST_MIN_ROWS = 1024  # speed: below this the per-block overhead and thin GEMMs cost more than cache misses
 FEATURE_TEMPORARIES = 4  # the features plus up to three (Lb, k) temporaries while they are built
 RHS_TEMPORARIES = 4  # right-hand side, GEMM result, Kronecker temporaries
