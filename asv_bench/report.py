@@ -66,6 +66,7 @@ _NAMES = {
     "ExactGrad": _GRAD, "ExactScaling": _GRAD, "TorchGrad": _GRAD, "TorchScaling": _GRAD,
     "PolyGrad": _POLY, "PolyScaling": _POLY, "PolyError": _POLY, "PolyErrorScaling": _POLY,
     "CausalPolyGrad": _CAUSAL, "CausalPolyScaling": _CAUSAL,
+    "PolyVsTorch": _POLY, "PolyVsTorchScaling": _POLY,
 }
 
 
@@ -175,17 +176,54 @@ def realhead(data, res) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def _machine(data) -> str:
+    """"asv machine `name` (cpu, cores, ram, os), commit `hash`, env `name`" of a results file."""
+    m = data.get("params", {})
+    info = ", ".join(str(m[k]) for k in ("cpu", "num_cpu", "ram", "os") if m.get(k))
+    return (f"asv machine `{m.get('machine', '?')}`" + (f" ({info})" if info else "") +
+            f", commit `{str(data.get('commit_hash'))[:10]}`, env `{data.get('env_name')}`")
+
+
+def chain(data, res) -> str:
+    """The poly chain beside PyTorch autograd of the same polynomial attention (``bench_chain.PolyVsTorch``
+    and its scaling class): asv medians, the speed-up and GFLOP/s the class measures side by side in one
+    process, and the square matmul of the same dtype measured in the same run."""
+    lines = []
+    w = lines.append
+    for cls in ("bench_chain.PolyVsTorch.", "bench_scaling.PolyVsTorchScaling."):
+        keys = sorted({tuple(dict(k)[n] for n in ("L", "d_head", "degree", "targets", "dtype"))
+                       for k in res.get(cls + "time_gpulora_poly", {})})
+        if not keys:
+            continue
+        w(f"#### `{cls[:-1]}`: poly against PyTorch autograd of the same polynomial attention\n")
+        w(f"{_machine(data)}. Times are asv medians; the speed-up and rates are best-of timings taken side by side in one process "
+          "(`track_speedup_vs_torch_poly`, `track_gflops_*`). GFLOP/s counts the chain formula's flops "
+          "(`gpulora.cost.poly_flops`); matmul is a 1024 x 1024 product of the same dtype in the same run.\n")
+        w("| L | d_head | g | k | targets | dtype | M | gpulora poly | PyTorch, same polynomial | speed-up | "
+          "poly GFLOP/s | matmul GFLOP/s | fraction |")
+        w("|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for L, d, g, t, dt in keys:
+            kw = {"backend": "numpy", "L": L, "d_head": d, "degree": g, "targets": t, "dtype": dt}
+
+            def val(m, kw=kw):
+                return get(res, cls + m, **kw)
+
+            w(f"| {L} | {d} | {g} | {feature_dim(d, g)} | {t} | {dt} | {fmt(val('track_score_bound'))} | "
+              f"{fmt_t(val('time_gpulora_poly'))} | {fmt_t(val('time_torch_poly_autograd'))} | "
+              f"{fmt(val('track_speedup_vs_torch_poly'), '.2f')}x | {fmt(val('track_gflops_poly'))} | "
+              f"{fmt(val('track_gflops_matmul'))} | {fmt(val('track_fraction_of_matmul'), '.2f')} |")
+        w("")
+    return "\n".join(lines)
+
+
 def report(data, res) -> str:
     if not any(name.startswith(tuple(c + "." for names in _CLASSES.values() for c in names)) for name in res):
-        return realhead(data, res)  # a file with the real-head benchmarks only
+        # a file with the real-head or chain benchmarks only
+        return "\n".join(part for part in (realhead(data, res), chain(data, res)) if part)
     res = resolve(res)
     lines = []
     w = lines.append
-    m = data.get("params", {})
-    info = ", ".join(str(m[k]) for k in ("cpu", "num_cpu", "ram", "os") if m.get(k))
-    w(f"asv machine `{m.get('machine', '?')}`" + (f" ({info})" if info else "") +
-      f", commit `{str(data.get('commit_hash'))[:10]}`, env `{data.get('env_name')}`; "
-      f"backend numpy, targets qkv, float64, d_model 16, r 4, d_v = d_head, score bound M = 1. Times are asv "
+    w(f"{_machine(data)}; backend numpy, targets qkv, float64, d_model 16, r 4, d_v = d_head, score bound M = 1. Times are asv "
       "medians of 3..10 samples (one call each); the machine was shared with other jobs, so expect "
       "±20 % noise, more on the largest calls.\n")
     Ls = axis(res, T_POLY, "L")
