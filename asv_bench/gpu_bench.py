@@ -219,7 +219,8 @@ def stage_stages(env: Env, out: dict, deadline: float):
     """Per-stage breakdown of one poly call at the target shape, along :mod:`gpulora.poly.chain`'s three
     streamed passes: the feature maps alone; pass 1 (key features, key states ``Psi^T V``, ``T_K``); pass 2
     (query features, output and ``dQ`` readout, query states ``T_Q``); pass 3 (``dK``, ``dV`` readout); the
-    run-time checks; and the whole call."""
+    run-time checks; the whole call; and passes 1, 2 and the call again with the states in the form
+    :func:`gpulora.poly.chain.lift_states` did not pick (lifted or Kronecker)."""
     from gpulora.poly import chain
     from gpulora.poly.features import feature_scales, monomial_features
     from gpulora.poly.monomials import monomial_table
@@ -264,6 +265,18 @@ def stage_stages(env: Env, out: dict, deadline: float):
     measure("pass 3: dK, dV", pass3)
     measure("checks", lambda: chain.check_extreme_pairs(qs, k, choice))
     measure("total", lambda: chain.loss_and_grads(q, k, v, y, beta, choice, cdt))
+    # the other form of the states (chain.lift_states picks by chain.LIFT_ELEMENTWISE["cupy"]): both measured
+    # here set that constant from data
+    forced = not chain.lift_states(d, g, d, cupy=True)
+    label = "lifted" if forced else "Kronecker"
+    picked = chain.lift_states
+    chain.lift_states = lambda *a, **kw: forced
+    try:
+        measure(f"pass 1: key states, {label}", pass1)
+        measure(f"pass 2: queries, output, dQ, {label}", pass2)
+        measure(f"total, {label} states", lambda: chain.loss_and_grads(q, k, v, y, beta, choice, cdt))
+    finally:
+        chain.lift_states = picked
 
 
 def _torch_sdpa(env, torch, arrays, beta, dtype, backend_name):

@@ -246,7 +246,8 @@ def test_gpu_bench_dry_run_measures_every_stage(gpu_dry_run):
     assert dev["info"]["dry_run"] and dev["copy"]["gbps"] > 0 and dev["gemm_fp32"]["tflops"] > 0
     assert all(c["gbps"] > 0 and c["M"] == bench.BOUND for c in results["features"]["cases"])
     parts = results["stages"]["parts"]
-    assert {"features (q and k)", "checks", "total"} <= set(parts) and len(parts) == 6
+    assert {"features (q and k)", "checks", "total"} <= set(parts) and len(parts) == 9
+    assert len([p for p in parts if p.startswith("total, ")]) == 1  # the states' other form, measured too
     assert all("error" not in c for c in parts.values()), parts
     cases = results["compare"]["cases"]
     methods = {c["method"] for c in cases}
