@@ -105,19 +105,6 @@ def multiply_into(out, a, b) -> None:
         out[...] = a * b
 
 
-def matmul_into(a, b, out):
-    """``a @ b``, written into ``out`` where the library allows it (NumPy, CuPy: ``out=``; ``out`` of the
-    product's shape and dtype), else a new array (the array API has no ``out=``). The passes over blocks of L
-    reuse one buffer this way (``gpulora.poly.chain``: no page faults per block)."""
-    if isinstance(out, np.ndarray) and isinstance(a, np.ndarray):
-        return np.matmul(a, b, out=out)
-    if is_cupy(out):
-        import cupy
-
-        return cupy.matmul(a, b, out=out)
-    return a @ b
-
-
 def to_numpy(x) -> np.ndarray:
     """A NumPy copy (CuPy: a device-to-host transfer) or view (NumPy, and CPU arrays through DLPack) of ``x``."""
     if isinstance(x, np.ndarray):

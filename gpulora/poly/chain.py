@@ -345,13 +345,12 @@ class _Features:
     them; the first ``k`` are those of degree ``<= g``), for the lifted states (:meth:`lifted`).
     """
 
-    def __init__(self, xp, d: int, choice: PolyChoice, side: str, dtype, lift: bool = False, reuse: bool = False):
+    def __init__(self, xp, d: int, choice: PolyChoice, side: str, dtype, lift: bool = False):
         self.table = monomial_table(d, choice.degree)
         self.built = monomial_table(d, choice.degree + 1) if lift else self.table
         self.scale = xp.asarray(feature_scales(choice.coef, d, side), dtype=dtype)
         self.dtype = dtype
         self.xp = xp
-        self.scratch = _Scratch(xp) if reuse else None
 
     @property
     def k(self) -> int:
@@ -366,11 +365,9 @@ class _Features:
 
     def rows(self, a, lo, hi, factor=None):
         """Rows ``lo:hi`` of ``a`` in the compute dtype, and the plain monomials of those rows times ``factor``,
-        feature-major: ``(..., k_built, Lb)`` (the layout they are built in; every pass works on long rows).
-        With ``reuse``, every block's monomials are built in one buffer: valid until the next call."""
+        feature-major: ``(..., k_built, Lb)`` (the layout they are built in; every pass works on long rows)."""
         z = _cast(self.xp, a[..., lo:hi, :], self.dtype)
-        out = None if self.scratch is None else self.scratch(z.shape[:-2] + (self.built.k, hi - lo), self.dtype)
-        return z, monomial_features(z if factor is None else factor * z, self.built, None, self.xp, out).mT
+        return z, monomial_features(z if factor is None else factor * z, self.built, None, self.xp).mT
 
     def scaled(self, states):
         """``diag(scale) states`` for ``states (..., k, W)``."""
@@ -423,27 +420,6 @@ def _cast(xp, a, dtype):
 def _mask_row(xp, mask, lo, hi, dtype):
     """Entries ``lo:hi`` of a mask as a ``(..., 1, Lb)`` 0/1 row in ``dtype``, or None."""
     return None if mask is None else xp.astype(mask[..., lo:hi], dtype)[..., None, :]
-
-
-class _Scratch:
-    """One buffer reused by every block of a pass for a per-block array of shape ``(..., m, Lb)``: calls give
-    views of it, valid until the next call, allocated again only when a block needs more.
-
-    Fresh ``Lb x k`` arrays per block cost page faults in processes where the allocator hands freed blocks
-    back to the system (glibc does in some; asv's benchmark processes showed it): measured at
-    ``d_head = 8``, ``g = 2``, L = 65536, float32, 4400 faults and 30 ms per call instead of 22, and with
-    ``MALLOC_TRIM_THRESHOLD_=131072`` (every freed block returned) 31 600 faults and 75 ms, 41 ms with the
-    buffers reused. Where the allocator keeps its blocks, reuse measured 1..2 ms slower (22 -> 24 ms), which
-    is the price of a call time that does not depend on the allocator's state."""
-
-    def __init__(self, xp):
-        self.xp, self.buf = xp, None
-
-    def __call__(self, shape, dtype):
-        buf = self.buf
-        if buf is None or buf.shape[:-1] != shape[:-1] or buf.shape[-1] < shape[-1] or buf.dtype != dtype:
-            buf = self.buf = backend.empty(shape, dtype, self.xp)
-        return buf[..., :shape[-1]]
 
 
 class _Columns:
@@ -525,7 +501,7 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     lead, (L, d_head), d_v = k.shape[:-2], k.shape[-2:], v.shape[-1]
     with_k = "q" in need
     lift = with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(k))
-    feat = _Features(xp, d_head, choice, "key", dtype, lift=lift, reuse=True)
+    feat = _Features(xp, d_head, choice, "key", dtype, lift=lift)
     width = 1 + d_v if lift or not with_k else KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k_built, width), dtype=dtype)
     cv, ck = _Rows(xp), _Rows(xp)
@@ -586,7 +562,7 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     with_state = bool(need & {"k", "v"})
     with_k = "k" in need
     lift = with_state and with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(q))
-    feat = _Features(xp, d_head, choice, "query", dtype, lift=lift, reuse=True)
+    feat = _Features(xp, d_head, choice, "query", dtype, lift=lift)
     key_states = feat.scaled(keys.data)  # the query scales, once, on k x W
     kw = keys.data.shape[-1]
     qw = QueryState.width(d_v, d_head, with_k)
@@ -602,12 +578,11 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         key_states = _grid(key_states, 1 + d_v, xp) * xp.asarray([1.0] + [beta] * d_head, dtype=dtype)
         key_states = xp.reshape(key_states, key_states.shape[:-2] + (kw,))
     states_t = key_states.mT  # (..., kw, k): every block's product comes out feature-major, (..., kw, Lb)
-    cg, cq, readout = _Rows(xp), _Rows(xp), _Scratch(xp)
+    cg, cq = _Rows(xp), _Rows(xp)
     for lo, hi in _pass_blocks(xp, q, L, lead, feat.k_built, width, dtype, budget):
         qb, mono = feat.rows(q, lo, hi, beta)  # mono (..., k_built, Lb)
         phi = mono[..., :feat.k, :] if lift else mono
-        x = backend.matmul_into(states_t, phi, readout(lead + (kw, hi - lo), dtype))
-        x = xp.reshape(x, lead + (1 + d_v, cols, hi - lo))  # [[D, U S_K], [O~, U T_K]] * D
+        x = xp.reshape(states_t @ phi, lead + (1 + d_v, cols, hi - lo))  # [[D, U S_K], [O~, U T_K]] * D
         den = x[..., 0, 0, :]  # [..., Lb]
         m = None if query_mask is None else query_mask[..., lo:hi]
         min_den = xp.minimum(min_den, xp.min(den if m is None else xp.where(m, den, math.inf), axis=-1,
@@ -665,15 +640,14 @@ def key_grad_pass(k, v, queries: QueryState, beta, choice: PolyChoice, *, need=(
     dtype = queries.data.dtype
     out_dtype = k.dtype if out_dtype is None else out_dtype
     lead, (L, d_head), d_v = k.shape[:-2], k.shape[-2:], v.shape[-1]
-    feat = _Features(xp, d_head, choice, "key", dtype, reuse=True)
+    feat = _Features(xp, d_head, choice, "key", dtype)
     states_t = feat.scaled(queries.data).mT  # (..., qw, k)
     rows_of_grid = 1 + d_v if queries.with_k else d_v
     out = {"d" + t: backend.empty(lead + (L, d_head if t == "k" else d_v), out_dtype, xp) for t in need}
     blocks = _pass_blocks(xp, k, L, lead, feat.k, queries.data.shape[-1], dtype, budget)
-    cv, readout = _Rows(xp), _Scratch(xp)
+    cv = _Rows(xp)
     for lo, hi, psi in _rebuilt(feat, k, key_mask, blocks):
-        x = backend.matmul_into(states_t, psi, readout(lead + (states_t.shape[-2], hi - lo), dtype))
-        x = xp.reshape(x, lead + (rows_of_grid, -1, hi - lo))  # [..., rows, cols, Lb]
+        x = xp.reshape(states_t @ psi, lead + (rows_of_grid, -1, hi - lo))  # [..., rows, cols, Lb]
         if "v" in need:
             dv = x[..., 1:, 0, :] if queries.with_k else x[..., 0, :]
             out["dv"][..., lo:hi, :] = _cast(xp, dv.mT, out_dtype)

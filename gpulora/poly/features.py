@@ -39,7 +39,7 @@ def feature_scales(coef, d: int, side: str) -> np.ndarray:
 RUNS_MIN_ROWS = 1024  # measured crossover (d_head 8..16, g 2..4): prefix runs win from here on
 
 
-def monomial_features_reference(z, table: MonomialTable, scale, xp=None, out=None):
+def monomial_features_reference(z, table: MonomialTable, scale, xp=None):
     """Scaled monomials of the rows of ``z`` (array-API code, NumPy or CuPy).
 
     Parameters
@@ -49,8 +49,6 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None, out=Non
     scale : array of shape (k,), same namespace and dtype as ``z``, or None
         None: the plain monomials ``z^a`` (the chain applies the scales to its ``k x W`` states instead).
     xp : namespace of ``z``, optional (probed when not given)
-    out : array of shape (..., k, L), dtype of ``z``, optional
-        Feature-major buffer to build them in (a pass over blocks reuses one); every element is written.
 
     Returns
     -------
@@ -66,8 +64,7 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None, out=Non
     """
     xp = backend.namespace(z) if xp is None else xp
     lead, L, d = z.shape[:-2], z.shape[-2], z.shape[-1]
-    if out is None:
-        out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
+    out = backend.empty(lead + (table.k, L), z.dtype, xp)  # [..., k, L]
     out[..., 0, :] = 1
     if table.g >= 1:
         out[..., 1:1 + d, :] = z.mT  # degree 1: the coordinates, C-contiguous rows of z^T
@@ -88,9 +85,8 @@ def monomial_features_reference(z, table: MonomialTable, scale, xp=None, out=Non
     return out.mT
 
 
-def monomial_features(z, table: MonomialTable, scale, xp=None, out=None):
-    """:func:`monomial_features_reference`, or the Numba CUDA kernel for CuPy arrays where available (which
-    allocates its own result; ``out`` is a feature-major buffer for the reference)."""
+def monomial_features(z, table: MonomialTable, scale, xp=None):
+    """:func:`monomial_features_reference`, or the Numba CUDA kernel for CuPy arrays where available."""
     if backend.is_cupy(z):
         from .. import kernels
 
@@ -98,7 +94,7 @@ def monomial_features(z, table: MonomialTable, scale, xp=None, out=None):
             if scale is None:
                 scale = backend.namespace(z).ones((table.k,), dtype=z.dtype)
             return kernels.feature_map(z, table, scale)
-    return monomial_features_reference(z, table, scale, xp, out)
+    return monomial_features_reference(z, table, scale, xp)
 
 
 def poly_features(z, degree, *, family="taylor", bound=None, side="key"):
