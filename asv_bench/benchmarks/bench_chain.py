@@ -22,7 +22,7 @@ from gpulora.poly.monomials import feature_dim, monomial_table
 
 from .bench_grad import D_HEADS, DEGREES
 from .bench_torch import TorchLoRA, import_torch
-from .common import BACKENDS, Benchmark, best_seconds, problem, setup, warm_up  # noqa: F401
+from .common import BACKENDS, Benchmark, best_seconds, problem, settle, setup, warm_up  # noqa: F401
 
 # the regression grid; bench_scaling.PolyVsTorchScaling runs L 4096..65536, every d_head, targets, dtype
 LENGTHS = [65536]
@@ -79,6 +79,7 @@ class PolyVsTorch(Benchmark):
         TorchPolyLoRA(problem(np, 64, d_head, targets, dtype), device, getattr(torch, dtype), coef)()  # warm-up
         self.flops = cost.poly_flops(L, d_head, d_head, feature_dim(d_head, degree), tuple(targets))
         self.a = xp.ones((MATMUL_N, MATMUL_N), dtype=getattr(xp, dtype))
+        settle()  # torch ran last: its OpenMP workers must stop spinning before gpulora is timed
 
     def _run(self):
         p = self.prob

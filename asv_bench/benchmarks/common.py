@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import math
+import time
 import timeit
 import tracemalloc
 
@@ -118,6 +119,17 @@ def warm_up(xp, d_head, targets, dtype, **kwargs):
     p = problem(xp, 64, d_head, targets, dtype)
     gpulora.lora_grad(p.head, p.lora, p.x, p.y, **kwargs)
     backend.synchronize()
+
+
+SETTLE_SECONDS = 0.2
+
+
+def settle():
+    """Pause before the timed call of a setup that ran PyTorch: torch's OpenMP workers spin for a while after
+    their work and take the two cores from the NumPy call that follows (measured: the first key pass after
+    torch work took 12.6 ms instead of 7.2, the whole poly call at d_head 8, g 2, L 65536 32 ms instead of
+    25; 0.05 s of pause already removed it). asv times the call right after ``setup`` (``number = 1``)."""
+    time.sleep(SETTLE_SECONDS)
 
 
 def best_seconds(fn, *, budget=1.0, max_repeat=5, timer=timeit.default_timer) -> float:
