@@ -36,8 +36,9 @@ itself a plain monomial, of degree ``|a| + 1`` (:func:`gpulora.poly.monomials.ra
 a gather of the rows of ``Mono^T A``, ``Mono`` the ``k' = C(d + g + 1, g + 1)`` monomials of degree
 ``<= g + 1``: ``k' (1 + d_v)`` columns of GEMM per row instead of ``k (1 + d_v) (1 + d_head)``, about
 ``g + 1`` times fewer flops, for ``k' - k`` more monomials per row. Passes 1 and 2 build their states so
-where :func:`lift_states` finds it cheaper (every measured shape on the CPU; none on the GPU with today's
-feature-map kernel); the states are the same sums either way, to rounding.
+where :func:`lift_states` finds it cheaper (on the CPU small ``k``, whose lifted blocks stay in cache, such
+as ``d_head = 8, g = 2``: 10 % faster; none on the GPU with today's feature-map kernel); the states are the
+same sums either way, to rounding.
 
 The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
 ``k x W`` states, once, instead of to every ``Lb x k`` block. Every block is held feature-major (features
@@ -153,7 +154,7 @@ def block_rows(L: int, lead: int, k: int, width: int, itemsize: int, budget: int
 def _pass_blocks(xp, like, L: int, lead: tuple, k: int, width: int, dtype, budget: int):
     """The ``(lo, hi)`` blocks of one pass (:func:`block_rows`; no cache rule for CuPy arrays)."""
     cache = None if backend.is_cupy(like) else CACHE_BYTES
-    return _blocks(L, block_rows(L, math.prod(lead), k, width, xp.finfo(dtype).bits // 8, budget, cache))
+    return _blocks(L, block_rows(L, math.prod(lead), k, width, _itemsize(xp, dtype), budget, cache))
 
 
 def peak_bytes(lead: int, L: int, k: int, d_head: int, d_v: int, itemsize: int, budget: int = DEFAULT_BUDGET) -> int:
@@ -388,28 +389,38 @@ class _Features:
         return xp.reshape(grid, states.shape[:-2] + (k, states.shape[-1] * (1 + d)))
 
 
-# Elementwise work per feature element written, in GEMM multiply-adds of the same time (float32, measured):
-# numpy 16: the 2-core CI machine, 0.26..0.45 ns per monomial written by the prefix runs against about
-# 0.025 ns per multiply-add in the thin state GEMMs (57..80 GFLOP/s); cupy 200: the H200, the feature-map
-# kernel at about 200 GB/s against 22.5 TFLOP/s in the fp32 GEMMs (BENCHMARKS.md, GPU figures).
+# Elementwise work per feature element written, in GEMM multiply-adds of the same time (measured): numpy 16,
+# the 2-core CI machine, 0.25..0.4 ns per monomial written by the prefix runs in cache against about
+# 0.015..0.04 ns per multiply-add in the state GEMMs; cupy 200, the H200, the feature-map kernel at about
+# 200 GB/s against 22.5 TFLOP/s in the fp32 GEMMs (BENCHMARKS.md, GPU figures).
 LIFT_ELEMENTWISE = {"numpy": 16, "cupy": 200}
 
 
-def lift_states(d: int, g: int, d_v: int, cupy: bool = False) -> bool:
+def lift_states(d: int, g: int, d_v: int, cupy: bool = False, itemsize: int = 4) -> bool:
     """Whether the passes build their Kronecker states lifted (:meth:`_Features.lifted`): one GEMM
     ``Mono^T A`` over the ``k' = C(d + g + 1, g + 1) = k (d + g + 1) / (g + 1)`` monomials of degree
     ``<= g + 1``, ``A`` of ``1 + d_v`` columns, instead of ``Psi^T (A (x) [1 | z])`` over the
     ``W = (1 + d_v) (1 + d)`` Kronecker columns: about ``(g + 1)`` times fewer GEMM flops, for ``k' - k``
-    more monomials per row in place of the ``W`` Kronecker products. Chosen where that costs less,
-    ``k' (1 + d_v) + rho (k' - k) < k W + rho W`` with ``rho`` from :data:`LIFT_ELEMENTWISE` (the CPU: every
-    measured shape, e.g. the ``d_head = 8`` key pass 1.4x faster at ``g = 2`` and the whole call 1.4x at
-    ``g = 4``; the GPU: none, with today's feature-map kernel), and the table passes the feature budget."""
+    more monomials per row in place of the ``W`` Kronecker products.
+
+    Chosen where that costs less, ``k' (1 + d_v) + rho (k' - k) < k W + rho W`` with ``rho`` from
+    :data:`LIFT_ELEMENTWISE`, and, on the CPU, only while a block of :data:`FAST_MIN_ROWS` lifted rows stays
+    within :data:`CACHE_BYTES`: past the cache every monomial costs several times more (1.3 ns in float64
+    at ``d = 16, g = 4``) while the wide Kronecker GEMMs run near the BLAS peak. Measured whole calls,
+    lifted against Kronecker in one process: ``d = 8, g = 2``, float32, qv, L 65536 24.3 against 27.5 ms
+    (lifted); ``d = 8, g = 4`` 299 against 258 ms and ``d = 16, g = 4``, float64 1153 against 596 ms (both
+    past the cache: Kronecker); ``d = 16, g = 2`` and ``d = 4, g = 4`` within 5 % either way. The GPU, with
+    today's feature-map kernel: never. And only where the table passes the feature budget."""
     k, k1 = feature_dim(d, g), feature_dim(d, g + 1)
-    if k1 > MAX_FEATURES:
+    if k1 > MAX_FEATURES or (not cupy and FAST_MIN_ROWS * k1 * itemsize > CACHE_BYTES):
         return False
     rho = LIFT_ELEMENTWISE["cupy" if cupy else "numpy"]
     width = (1 + d_v) * (1 + d)
     return k1 * (1 + d_v) + rho * (k1 - k) < k * width + rho * width
+
+
+def _itemsize(xp, dtype) -> int:
+    return xp.finfo(dtype).bits // 8
 
 
 def _cast(xp, a, dtype):
@@ -500,7 +511,7 @@ def key_pass(k, v, choice: PolyChoice, *, need=("q", "k", "v"), key_mask=None, c
     dtype = k.dtype if compute_dtype is None else compute_dtype
     lead, (L, d_head), d_v = k.shape[:-2], k.shape[-2:], v.shape[-1]
     with_k = "q" in need
-    lift = with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(k))
+    lift = with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(k), _itemsize(xp, dtype))
     feat = _Features(xp, d_head, choice, "key", dtype, lift=lift)
     width = 1 + d_v if lift or not with_k else KeyState.width(d_v, d_head, with_k)
     data = xp.zeros(lead + (feat.k_built, width), dtype=dtype)
@@ -561,7 +572,7 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
         raise ValueError("dQ needs key states built with 'q' in need")
     with_state = bool(need & {"k", "v"})
     with_k = "k" in need
-    lift = with_state and with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(q))
+    lift = with_state and with_k and lift_states(d_head, choice.degree, d_v, backend.is_cupy(q), _itemsize(xp, dtype))
     feat = _Features(xp, d_head, choice, "query", dtype, lift=lift)
     key_states = feat.scaled(keys.data)  # the query scales, once, on k x W
     kw = keys.data.shape[-1]
