@@ -67,6 +67,7 @@ _NAMES = {
     "PolyGrad": _POLY, "PolyScaling": _POLY, "PolyError": _POLY, "PolyErrorScaling": _POLY,
     "CausalPolyGrad": _CAUSAL, "CausalPolyScaling": _CAUSAL,
     "PolyVsTorch": _POLY, "PolyVsTorchScaling": _POLY,
+    "BridgeStep": ["backend", "L", "impl", "causal"], "BridgeStepScaling": ["backend", "L", "impl", "causal"],
 }
 
 
@@ -216,10 +217,46 @@ def chain(data, res) -> str:
     return "\n".join(lines)
 
 
+def bridge(data, res) -> str:
+    """One attention layer through the PyTorch bridge against SDPA (``bench_bridge.BridgeStep`` and its
+    scaling class): asv medians of one forward + backward and the ratio to SDPA timed side by side."""
+    lines = []
+    w = lines.append
+    for cls in ("bench_bridge.BridgeStep.", "bench_scaling.BridgeStepScaling."):
+        keys = sorted({(dict(k)["L"], dict(k)["causal"], dict(k)["impl"]) for k in res.get(cls + "time_step", {})
+                       if dict(k)["backend"] == "numpy"})
+        if not keys:
+            continue
+        w(f"#### `{cls[:-1]}`: one 12-head layer (d_head 32, float32), forward + backward, against SDPA\n")
+        w(f"{_machine(data)}. Times are asv medians; the ratio is best-of timings of the implementation and "
+          "SDPA taken side by side in one process (`track_step_ratio`).\n")
+        w("| L | causal | implementation | M | max \\|S\\| | step | ratio to SDPA |")
+        w("|---:|---|---|---:|---:|---:|---:|")
+        for L, causal_, impl in keys:
+            kw = {"backend": "numpy", "L": L, "impl": impl, "causal": causal_}
+
+            def val(m, kw=kw):
+                return _get_raw(res, cls + m, kw)
+
+            w(f"| {L} | {causal_} | {impl} | {fmt(val('track_score_bound'))} | {fmt(val('track_max_score'))} | "
+              f"{fmt_t(val('time_step'))} | {fmt(val('track_step_ratio'), '.2f')}x |")
+        w("")
+    return "\n".join(lines)
+
+
+def _get_raw(res, bench, kw):
+    """Value of ``bench`` at exactly the parameters ``kw`` (no ``SEL`` defaults); None if absent or skipped."""
+    for key, (value, _, _) in res.get(bench, {}).items():
+        d = dict(key)
+        if all(d.get(k) == v for k, v in kw.items()) and value is not None:
+            return None if isinstance(value, float) and math.isnan(value) else value
+    return None
+
+
 def report(data, res) -> str:
     if not any(name.startswith(tuple(c + "." for names in _CLASSES.values() for c in names)) for name in res):
         # a file with the real-head or chain benchmarks only
-        return "\n".join(part for part in (realhead(data, res), chain(data, res)) if part)
+        return "\n".join(part for part in (realhead(data, res), chain(data, res), bridge(data, res)) if part)
     res = resolve(res)
     lines = []
     w = lines.append

@@ -24,7 +24,7 @@ pool and NumPy's OpenBLAS pool otherwise spin against each other and the ``"gpul
 from __future__ import annotations
 
 from .bench_torch import import_torch
-from .common import BACKENDS, Benchmark, array_module, best_seconds, setup  # noqa: F401
+from .common import BACKENDS, Benchmark, array_module, best_seconds, settle, setup  # noqa: F401
 
 LENGTHS = [512, 2048]
 IMPLS = ["sdpa", "gpulora", "bridge-sdpa"]
@@ -75,6 +75,7 @@ class BridgeStep(Benchmark):
         self.q, self.k, self.v = tensor(True), tensor(True), tensor(True)
         self.grad_out = tensor(False)
         self._step(impl)  # warm-up: lazy imports, first-call dispatch
+        settle()  # asv times the next call: let torch's OpenMP workers stop spinning first
 
     def bounds(self):
         """``(M, max |S|)`` of the layer's scores (SDPA's default scale ``1 / sqrt(d_head)``)."""
