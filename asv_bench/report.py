@@ -197,8 +197,8 @@ def chain(data, res) -> str:
         if not keys:
             continue
         w(f"#### `{cls[:-1]}`: poly against PyTorch autograd of the same polynomial attention\n")
-        w(f"{_machine(data)}. Times are asv medians; the speed-up and rates are best-of timings taken side by side in one process "
-          "(`track_speedup_vs_torch_poly`, `track_gflops_*`). GFLOP/s counts the chain formula's flops "
+        w(f"{_machine(data)}. Times are asv medians; the speed-up and rates are best-of timings taken side by "
+          "side in one process (`track_speedup_vs_torch_poly`, `track_gflops_*`). GFLOP/s counts the chain formula's flops "
           "(`gpulora.cost.poly_flops`); matmul is a 1024 x 1024 product of the same dtype in the same run.\n")
         w("| L | d_head | g | k | targets | dtype | M | gpulora poly | PyTorch, same polynomial | speed-up | "
           "poly GFLOP/s | matmul GFLOP/s | fraction |")
@@ -260,7 +260,8 @@ def report(data, res) -> str:
     res = resolve(res)
     lines = []
     w = lines.append
-    w(f"{_machine(data)}; backend numpy, targets qkv, float64, d_model 16, r 4, d_v = d_head, score bound M = 1. Times are asv "
+    w(f"{_machine(data)}; backend numpy, targets qkv, float64, d_model 16, r 4, d_v = d_head, score bound "
+      "M = 1. Times are asv "
       "medians of 3..10 samples (one call each); the machine was shared with other jobs, so expect "
       "±20 % noise, more on the largest calls.\n")
     Ls = axis(res, T_POLY, "L")

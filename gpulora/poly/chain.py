@@ -581,7 +581,9 @@ def query_pass(q, keys: KeyState, beta, choice: PolyChoice, *, y=None, grad_outp
     rows = {"o": backend.empty(lead + (L, d_v), out_dtype, xp)}
     if "q" in need:
         rows["dq"] = backend.empty(lead + (L, d_head), out_dtype, xp)
-    data = xp.zeros(lead + (feat.k_built, 1 + d_v) if lift else lead + (feat.k, qw), dtype=dtype) if with_state else None
+    data = None
+    if with_state:
+        data = xp.zeros(lead + ((feat.k_built, 1 + d_v) if lift else (feat.k, qw)), dtype=dtype)
     loss = xp.zeros((), dtype=xp.float64) if y is not None else None
     min_den = xp.full(lead + (1,), math.inf, dtype=dtype)  # smallest D over the real rows, per leading index
     cols = 1 + d_head if keys.with_k else 1
