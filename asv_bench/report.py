@@ -77,9 +77,10 @@ def _param_names(name, n):
     return names if names and len(names) == n else [f"p{i}" for i in range(n)]
 
 
-def get(res, bench, **kw):
-    """Median (or tracked value) of ``bench`` at ``SEL`` updated with ``kw``; None if absent or skipped."""
-    want = {**SEL, **kw}
+def get(res, bench, base=SEL, **kw):
+    """Median (or tracked value) of ``bench`` at ``base`` (default :data:`SEL`) updated with ``kw``; None if
+    absent or skipped."""
+    want = {**base, **kw}
     for key, (value, _, _) in res.get(bench, {}).items():
         d = dict(key)
         if all(d.get(k, v) == v for k, v in want.items()) and value is not None:
@@ -236,21 +237,12 @@ def bridge(data, res) -> str:
             kw = {"backend": "numpy", "L": L, "impl": impl, "causal": causal_}
 
             def val(m, kw=kw):
-                return _get_raw(res, cls + m, kw)
+                return get(res, cls + m, base={}, **kw)
 
             w(f"| {L} | {causal_} | {impl} | {fmt(val('track_score_bound'))} | {fmt(val('track_max_score'))} | "
               f"{fmt_t(val('time_step'))} | {fmt(val('track_step_ratio'), '.2f')}x |")
         w("")
     return "\n".join(lines)
-
-
-def _get_raw(res, bench, kw):
-    """Value of ``bench`` at exactly the parameters ``kw`` (no ``SEL`` defaults); None if absent or skipped."""
-    for key, (value, _, _) in res.get(bench, {}).items():
-        d = dict(key)
-        if all(d.get(k) == v for k, v in kw.items()) and value is not None:
-            return None if isinstance(value, float) and math.isnan(value) else value
-    return None
 
 
 def report(data, res) -> str:

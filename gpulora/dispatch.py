@@ -364,16 +364,24 @@ def _checked_poly(att: Attention, p: Plan, requested: str, out, rerun, *, estima
         return p, out, p.error_bound
     residual = math.sqrt(2 * max(backend.to_float(out[0]), 0.0))
     est = error_estimate(att, p, residual) if estimate is None else estimate(p, residual)
+    return judge_estimate(p, est, requested, out, lambda p: _with_fallback(rerun, att, p, requested, **kw),
+                          stacklevel=5)
+
+
+def judge_estimate(p: Plan, est: float, requested: str, out, rerun, *, stacklevel: int):
+    """``(p, out, est)`` when ``est`` is within ``GRAD_TOL_FACTOR * p.tol``. Over it: under ``"auto"``,
+    ``rerun(exact plan) + (0.0,)`` with the reason in the plan's note; otherwise an
+    :class:`~gpulora.AccuracyWarning` (unless the plan already warned; ``stacklevel`` as ``warnings.warn``
+    counts it from here), and the result as it is. Shared by the matrix and tensor attention calls."""
     if est <= GRAD_TOL_FACTOR * p.tol:
         return p, out, est
     why = (f"the a-posteriori error estimate of the poly gradients, {est:.3g}, exceeds {GRAD_TOL_FACTOR:g} * tol "
            f"= {GRAD_TOL_FACTOR * p.tol:.3g}: the residual O - y is small against the polynomial's output error "
            f"(which is absolute, about 2 eps |V| with eps = {p.error_bound:.3g}, not relative to the residual)")
     if requested == "auto":
-        p = dataclasses.replace(p, method="exact", note=f"auto: {why}; reran exact")
-        return _with_fallback(rerun, att, p, requested, **kw) + (0.0,)
+        return rerun(dataclasses.replace(p, method="exact", note=f"auto: {why}; reran exact")) + (0.0,)
     if not p.warned:
-        warnings.warn(why, AccuracyWarning, stacklevel=4)
+        warnings.warn(why, AccuracyWarning, stacklevel=stacklevel)
     return p, out, est
 
 

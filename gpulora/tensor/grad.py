@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..adapters import _merge_heads, _split_heads, adapter_grads
-from ..dispatch import GRAD_TOL_FACTOR, Plan, _leaves
+from ..dispatch import Plan, _leaves, judge_estimate
 from ..model import AccuracyWarning, GradResult, LoRA, check_call_types, check_parameters
 from ..poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from ..poly.chain import PolynomialFailure
@@ -281,17 +281,9 @@ def _checked_poly(projections, p: Plan, requested: str, out, run, *, upstream, *
         return p, out, 0.0
     loss_ = backend.to_float(out[0])
     est = error_estimate(projections, p, math.sqrt(2 * max(loss_, 0.0)), upstream=upstream)
-    if est <= GRAD_TOL_FACTOR * p.tol:
-        return p, out, est
-    why = (f"the a-posteriori error estimate of the poly gradients, {est:.3g}, exceeds {GRAD_TOL_FACTOR:g} * tol "
-           f"= {GRAD_TOL_FACTOR * p.tol:.3g}: the residual O - y is small against the polynomial's output error "
-           f"(eps = {p.error_bound:.3g})")
-    if requested == "auto":
-        p = dataclasses.replace(p, method="exact", note=f"auto: {why}; reran exact")
-        return _with_fallback(run, projections, p, requested, upstream=upstream, **kw) + (0.0,)
-    if not p.warned:
-        warnings.warn(why, AccuracyWarning, stacklevel=3)
-    return p, out, est
+    return judge_estimate(p, est, requested, out,
+                          lambda p: _with_fallback(run, projections, p, requested, upstream=upstream, **kw),
+                          stacklevel=4)
 
 
 def lora_grad(head: TensorHead, lora: LoRA, x, y=None, *, grad_output=None, method="auto", degree=None,
