@@ -327,3 +327,19 @@ def test_asv_results_live_outside_the_code_tree():
     ignored = (ASV_DIR.parent / ".gitignore").read_text()
     assert "asv_bench/.asv/" in ignored
     assert list((ASV_DIR / "published").glob("*/*.json"))
+
+
+def test_interleaved_script_prints_both_forms_and_the_cache_sweep(monkeypatch):
+    """asv_bench/interleaved.py (the source of BENCHMARKS.md's A/B tables) on a toy shape: one row per shape
+    with a time for each form or cache size, and the forced setting restored afterwards."""
+    from gpulora.poly import chain
+
+    il = _script("interleaved")
+    monkeypatch.setattr(il, "SHAPES", [(2, 2, "qv", "float64", 64)])
+    monkeypatch.setattr(il, "ROUNDS", 1)
+    picked, kept = chain.lift_states, chain.CACHE_BYTES
+    forms = il.forms().splitlines()
+    assert len(forms) == 3 and forms[2].startswith("| 2 | 2 | qv | float64 | 64 |") and forms[2].count(" ms") == 2
+    cache = il.cache().splitlines()
+    assert len(cache) == 3 and cache[2].count(" ms") == 5
+    assert chain.lift_states is picked and chain.CACHE_BYTES == kept

@@ -37,8 +37,8 @@ a gather of the rows of ``Mono^T A``, ``Mono`` the ``k' = C(d + g + 1, g + 1)`` 
 ``<= g + 1``: ``k' (1 + d_v)`` columns of GEMM per row instead of ``k (1 + d_v) (1 + d_head)``, about
 ``g + 1`` times fewer flops, for ``k' - k`` more monomials per row. Passes 1 and 2 build their states so
 where :func:`lift_states` finds it cheaper (on the CPU small ``k``, whose lifted blocks stay in cache, such
-as ``d_head = 8, g = 2``: 10 % faster; none on the GPU with today's feature-map kernel); the states are the
-same sums either way, to rounding.
+as ``d_head = 8, g = 2``; none on the GPU with today's feature-map kernel); the states are the same sums
+either way, to rounding.
 
 The features enter as plain monomials; the per-feature scales of the polynomial are applied to the
 ``k x W`` states, once, instead of to every ``Lb x k`` block. Every block is held feature-major (features
@@ -110,8 +110,9 @@ __all__ = ["DEFAULT_BUDGET", "MIN_BLOCK_ROWS", "KeyState", "PolynomialFailure", 
 
 DEFAULT_BUDGET = 1 << 28  # bytes for one block's arrays, over all leading indices
 MIN_BLOCK_ROWS = 16
-# speed: a block's arrays that stay in cache (measured best of 1, 2, 4, 8, 16 MiB with the lifted states:
-# d_head 8, L 65536, float32, qv, g = 2 23.7 -> 22.0 ms and g = 4 128 -> 113 ms from 2 MiB)
+# speed: a block's arrays that stay in cache. `python asv_bench/interleaved.py cache` sweeps 1..16 MiB: at
+# d_head 8, g 2 (L 65536, float32, qv) 4 MiB was the best (2 MiB 5 % slower, 16 MiB 54 %); at g 4 the
+# sweep was flat within the 2-core machine's noise
 CACHE_BYTES = 4 << 20
 FAST_MIN_ROWS = 1024  # speed: below this the per-block overhead and thin GEMMs cost more than cache misses
 FEATURE_TEMPORARIES = 4  # the features plus up to three (Lb, k) temporaries while they are built
@@ -404,15 +405,16 @@ def lift_states(d: int, g: int, d_v: int, cupy: bool = False, itemsize: int = 4)
     more monomials per row in place of the ``W`` Kronecker products.
 
     Chosen where that costs less, ``k' (1 + d_v) + rho (k' - k) < k W + rho W`` with ``rho`` from
-    :data:`LIFT_ELEMENTWISE`, and, on the CPU, only while a block of :data:`FAST_MIN_ROWS` lifted rows stays
-    within :data:`CACHE_BYTES`: past the cache every monomial costs several times more (1.3 ns in float64
-    at ``d = 16, g = 4``) while the wide Kronecker GEMMs run near the BLAS peak. Measured whole calls,
-    lifted against Kronecker in one process: ``d = 8, g = 2``, float32, qv, L 65536 24.3 against 27.5 ms
-    (lifted); ``d = 8, g = 4`` 299 against 258 ms and ``d = 16, g = 4``, float64 1153 against 596 ms (both
-    past the cache: Kronecker); ``d = 16, g = 2`` and ``d = 4, g = 4`` within 5 % either way. The GPU, with
-    today's feature-map kernel: never. And only where the table passes the feature budget."""
+    :data:`LIFT_ELEMENTWISE`, and, on the CPU, only while a block of :data:`FAST_MIN_ROWS` lifted rows fills
+    at most half of :data:`CACHE_BYTES` (the rest of the block's arrays share it): past that every monomial
+    costs several times more while the wide Kronecker GEMMs run near the BLAS peak. Measured by
+    ``python asv_bench/interleaved.py forms`` (both forms alternating in one process; BENCHMARKS.md): lifted
+    wins at ``d = 8, g = 2`` and ``d = 4, g = 2``, ties at ``d = 8, g = 4`` and (within 6 % either way over
+    two runs) at ``d = 16, g = 2`` in float32, a lifted block of 3.97 MB, and loses 2x at ``d = 16, g = 4``
+    in float64. The GPU, with today's
+    feature-map kernel: never. And only where the table passes the feature budget."""
     k, k1 = feature_dim(d, g), feature_dim(d, g + 1)
-    if k1 > MAX_FEATURES or (not cupy and FAST_MIN_ROWS * k1 * itemsize > CACHE_BYTES):
+    if k1 > MAX_FEATURES or (not cupy and 2 * FAST_MIN_ROWS * k1 * itemsize > CACHE_BYTES):
         return False
     rho = LIFT_ELEMENTWISE["cupy" if cupy else "numpy"]
     width = (1 + d_v) * (1 + d)
