@@ -244,8 +244,25 @@ class AdapterGrad:
     A: Any
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    """What ran: the keyword-only fields every gradient call's result carries (:class:`GradResult`,
+    :class:`AttentionGrad`, :class:`gpulora.tensor.AttentionGrad`), filled from the plan
+    (``gpulora.dispatch.Plan.fields``). Their meaning is documented on :class:`GradResult`."""
+
+    method: str
+    degree: int | None = None
+    features: int | None = None
+    bound: float = 0.0
+    family: str | None = None
+    compute_dtype: str | None = None
+    note: str = ""
+    error_bound: float = 0.0
+    error_estimate: float = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
-class GradResult:
+class GradResult(RunRecord):
     """What :func:`gpulora.lora_grad` returns.
 
     Attributes
@@ -286,20 +303,11 @@ class GradResult:
 
     loss: Any
     grads: dict
-    method: str
-    degree: int | None = None
-    features: int | None = None
-    bound: float = 0.0
-    family: str | None = None
-    compute_dtype: str | None = None
-    note: str = ""
-    error_bound: float = 0.0
-    error_estimate: float = 0.0
     dx: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionGrad:
+class AttentionGrad(RunRecord):
     """What :func:`gpulora.attention_vjp` returns: the vector-Jacobian product of attention.
 
     Attributes
@@ -322,12 +330,3 @@ class AttentionGrad:
     dk: Any
     dv: Any
     out: Any
-    method: str
-    degree: int | None = None
-    features: int | None = None
-    bound: float = 0.0
-    family: str | None = None
-    compute_dtype: str | None = None
-    note: str = ""
-    error_bound: float = 0.0
-    error_estimate: float = 0.0

@@ -21,7 +21,7 @@ import numpy as np
 from .. import backend
 from ..adapters import _merge_heads, _split_heads, adapter_grads
 from ..dispatch import Plan, _leaves, judge_estimate
-from ..model import AccuracyWarning, GradResult, LoRA, check_call_types, check_parameters
+from ..model import AccuracyWarning, GradResult, LoRA, RunRecord, check_call_types, check_parameters
 from ..poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from ..poly.chain import PolynomialFailure
 from ..poly.coefficients import DEFAULT_TOL, choose
@@ -54,8 +54,9 @@ class TensorProblem:
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorAttentionGrad:
-    """What :func:`attention_vjp` returns, as :class:`gpulora.AttentionGrad` does for matrix attention.
+class TensorAttentionGrad(RunRecord):
+    """What :func:`attention_vjp` returns, as :class:`gpulora.AttentionGrad` does for matrix attention (the
+    run fields keyword-only, from :class:`gpulora.model.RunRecord`).
 
     Attributes
     ----------
@@ -75,15 +76,6 @@ class TensorAttentionGrad:
     dv1: Any
     dv2: Any
     out: Any
-    method: str
-    degree: int | None = None
-    features: int | None = None
-    bound: float = 0.0
-    family: str | None = None
-    compute_dtype: str | None = None
-    note: str = ""
-    error_bound: float = 0.0
-    error_estimate: float = 0.0
 
 
 def _check_options(method, degree, tol):
