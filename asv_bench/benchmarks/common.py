@@ -126,9 +126,9 @@ SETTLE_SECONDS = 0.2
 
 def settle():
     """Pause before the timed call of a setup that ran PyTorch: torch's OpenMP workers spin for a while after
-    their work and take the two cores from the NumPy call that follows (measured: the first key pass after
-    torch work took 12.6 ms instead of 7.2, the whole poly call at d_head 8, g 2, L 65536 32 ms instead of
-    25; 0.05 s of pause already removed it). asv times the call right after ``setup`` (``number = 1``)."""
+    their work and take the two cores from the NumPy call that follows (seen on the CI-class machine as a
+    first poly call after setup about a third slower than the next ones; a pause of 0.05 s already removed
+    it). asv times the call right after ``setup`` (``number = 1``)."""
     time.sleep(SETTLE_SECONDS)
 
 
