@@ -7,7 +7,7 @@ from gpulora.poly.monomials import feature_dim
 from gpulora import backend, cost
 from gpulora.testing import rel_error
 
-from .common import BACKENDS, EXACT_MAX_L, Benchmark, best_seconds, peak_alloc_mib, problem, setup, warm_up  # noqa: F401
+from .common import BACKENDS, EXACT_MAX_L, Benchmark, CallBenchmark, peak_alloc_mib, problem, setup, warm_up  # noqa: F401
 
 # The regression grid (~1 min): one length per class, both targets and dtypes, M = 1. The scaling study of
 # BENCHMARKS.md subclasses these classes with larger grids in bench_scaling.py.
@@ -26,7 +26,7 @@ def _max_rel_error(result, reference) -> float:
                    rel_error(result.grads[t].A, reference.grads[t].A)) for t in reference.grads)
 
 
-class ExactGrad(Benchmark):
+class ExactGrad(CallBenchmark):
     """Exact (blocked, ``O(L^2)``) loss and adapter gradients."""
 
     params = [BACKENDS, EXACT_LENGTHS, D_HEADS, TARGETS, DTYPES]
@@ -42,20 +42,8 @@ class ExactGrad(Benchmark):
         p = self.prob
         return gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="exact")
 
-    def time_lora_grad(self, *params):
-        self._run()
-        backend.synchronize()
 
-    def peakmem_lora_grad(self, *params):
-        self._run()
-
-    def track_gflops_lora_grad(self, *params):
-        return self.flops / best_seconds(self._run) / 1e9
-
-    track_gflops_lora_grad.unit = "GFLOP/s"
-
-
-class PolyGrad(Benchmark):
+class PolyGrad(CallBenchmark):
     """Polynomial method (chained low-rank gradient) at a fixed degree; the family is chosen by gpulora."""
 
     params = [BACKENDS, LENGTHS, D_HEADS, DEGREES, TARGETS, DTYPES]
@@ -72,18 +60,6 @@ class PolyGrad(Benchmark):
     def _run(self):
         p = self.prob
         return gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=self.degree)
-
-    def time_lora_grad(self, *params):
-        self._run()
-        backend.synchronize()
-
-    def peakmem_lora_grad(self, *params):
-        self._run()
-
-    def track_gflops_lora_grad(self, *params):
-        return self.flops / best_seconds(self._run) / 1e9
-
-    track_gflops_lora_grad.unit = "GFLOP/s"
 
     def track_alloc_lora_grad(self, *params):
         return peak_alloc_mib(self._run)
@@ -110,34 +86,24 @@ class PolyError(Benchmark):
     track_rel_error_poly_vs_exact.unit = "relative error"
 
 
-class CausalPolyGrad(Benchmark):
-    """Causal polynomial method (``gpulora.poly.causal``, chunked prefix sums); skipped until it exists."""
+class CausalPolyGrad(CallBenchmark):
+    """Causal polynomial method (:mod:`gpulora.poly.causal`, chunked prefix sums)."""
 
     causal = True
     params = [BACKENDS, LENGTHS, D_HEADS, DEGREES, DTYPES]
     param_names = ["backend", "L", "d_head", "degree", "dtype"]
 
     def setup(self, backend_name, L, d_head, degree, dtype):
-        try:
-            import gpulora.poly.causal  # noqa: F401
-        except ImportError as err:
-            raise NotImplementedError(f"gpulora.poly.causal is not available ({err})") from None
         xp = self.setup_backend(backend_name)
         self.prob = problem(xp, L, d_head, "qkv", dtype)
         warm_up(xp, d_head, "qkv", dtype, method="poly", degree=degree, causal=True)
         self.degree = degree
         self.L = L
+        self.flops = cost.poly_flops(L, d_head, d_head, feature_dim(d_head, degree), ("q", "k", "v"), causal=True)
 
     def _run(self):
         p = self.prob
         return gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly", degree=self.degree, causal=True)
-
-    def time_lora_grad(self, *params):
-        self._run()
-        backend.synchronize()
-
-    def peakmem_lora_grad(self, *params):
-        self._run()
 
     def track_rel_error_poly_vs_exact(self, *params):
         if self.L > EXACT_MAX_L:

@@ -12,7 +12,7 @@ import numpy as np
 
 from gpulora import backend, cost
 
-from .common import BACKENDS, Benchmark, best_seconds, problem, setup  # noqa: F401
+from .common import BACKENDS, CallBenchmark, problem, setup  # noqa: F401
 
 LENGTHS = [1024, 4096]
 D_HEADS = [8]
@@ -93,7 +93,7 @@ class TorchLoRA:
             self.torch.cuda.synchronize()
 
 
-class TorchGrad(Benchmark):
+class TorchGrad(CallBenchmark):
     """PyTorch autograd through SDPA: loss and adapter gradients (``O(L^2)``, like gpulora's exact)."""
 
     params = [BACKENDS, LENGTHS, D_HEADS, TARGETS, DTYPES]
@@ -111,14 +111,3 @@ class TorchGrad(Benchmark):
         self.model()
         self.model.synchronize()
 
-    def time_lora_grad(self, *params):
-        self._run()
-        backend.synchronize()
-
-    def peakmem_lora_grad(self, *params):
-        self._run()
-
-    def track_gflops_lora_grad(self, *params):
-        return self.flops / best_seconds(self._run) / 1e9
-
-    track_gflops_lora_grad.unit = "GFLOP/s"

@@ -39,6 +39,7 @@ __all__ = [
     "RANK",
     "SCORE_BOUND",
     "Benchmark",
+    "CallBenchmark",
     "array_module",
     "best_seconds",
     "peak_alloc_mib",
@@ -209,3 +210,25 @@ class Benchmark(abc.ABC):
         return float(self.bounds()[1])
 
     track_max_score.unit = "max |S|"
+
+
+class CallBenchmark(Benchmark):
+    """A :class:`Benchmark` of one gradient call, ``self._run()``: its time (synchronised), asv's peak
+    memory of the process, and its GFLOP/s against ``self.flops`` (set in ``setup``, from
+    :mod:`gpulora.cost`), best of :func:`best_seconds`."""
+
+    @abc.abstractmethod
+    def _run(self):
+        """One gradient call on the inputs of ``setup``; its result."""
+
+    def time_lora_grad(self, *params):
+        self._run()
+        backend.synchronize()
+
+    def peakmem_lora_grad(self, *params):
+        self._run()
+
+    def track_gflops_lora_grad(self, *params):
+        return self.flops / best_seconds(self._run) / 1e9
+
+    track_gflops_lora_grad.unit = "GFLOP/s"
