@@ -124,6 +124,21 @@ def _regime(m: float, threshold: float, log_L: float) -> str:
     return _REGIMES[regime_key(m, threshold, log_L)]
 
 
+def _plan(m: float, tol: float, dtype, notes: list):
+    """``(choice, compute dtype)`` of the polynomial :func:`choose` picks for the bound ``m``, or
+    ``(None, None)`` with the reason appended to ``notes``; a note too where float32 rounding puts the
+    features in float64. Shared by :func:`diagnose` and :func:`gpulora.tensor.diagnose`."""
+    try:
+        choice, compute = choose(m, tol=tol, dtype=dtype)
+    except ValueError as err:
+        notes.append(str(err))
+        return None, None
+    if compute != dtype:
+        notes.append(f"float32 rounding of the polynomial (~{choice.rounding_error(dtype):.2g}) exceeds tol: "
+                     f"its features are computed in float64")
+    return choice, compute
+
+
 def _choice_fields(choice, compute, d_head: int) -> dict:
     """The polynomial fields of a diagnosis (``family`` .. ``rounding_error``); all None without a choice."""
     return dict(
@@ -174,11 +189,7 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
     e_sec = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name, causal=causal)
     notes = []
     dtype = backend.host_dtype(q)
-    try:
-        choice, compute = choose(m, tol=tol, dtype=dtype)
-    except ValueError as err:
-        choice = compute = None
-        notes.append(str(err))
+    choice, compute = _plan(m, tol, dtype, notes)
     over_budget = False
     if choice is not None:
         try:
@@ -193,9 +204,6 @@ def diagnose(head: Head, lora: LoRA, x, *, tol=None, causal=False) -> Diagnosis:
         p_flops = lead * cost.poly_flops(L, d_head, d_v, k, targets, causal=causal)
         p_sec = lead * cost.poly_seconds(L, d_head, d_v, k, targets, backend=name, causal=causal,
                                          float64_features=compute != dtype)
-        if compute != dtype:
-            notes.append(f"float32 rounding of the polynomial (~{choice.rounding_error(dtype):.2g}) exceeds tol: "
-                         f"its features are computed in float64")
         if choice.features(d_head) * d_v >= L:
             notes.append(f"k * d_v = {choice.features(d_head) * d_v} >= L = {L}: the low-rank chain is not "
                          f"smaller than the L x L matrix it replaces")

@@ -55,8 +55,21 @@ def check_columns(head, groups, detail: str = "") -> None:
             raise ValueError(f"{name} must have a positive multiple of {label} = {n} columns{detail}, got {cols}")
 
 
+class QueryShape:
+    """``d_model`` and ``d_head`` of a head class whose query weight ``w_q (d_model, heads * d_head)`` holds
+    ``heads`` consecutive column groups (:class:`Head`, :class:`gpulora.tensor.TensorHead`)."""
+
+    @property
+    def d_model(self) -> int:
+        return self.w_q.shape[0]
+
+    @property
+    def d_head(self) -> int:
+        return self.w_q.shape[1] // self.heads
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class Head:
+class Head(QueryShape):
     """Frozen pretrained weights of one attention head (or of ``heads`` heads sharing the input).
 
     Parameters
@@ -119,14 +132,6 @@ class Head:
                                  f"got {tuple(b.shape)}")
         beta = 1.0 / math.sqrt(self.d_head) if self.beta is None else check_beta(self.beta)
         object.__setattr__(self, "beta", beta)
-
-    @property
-    def d_model(self) -> int:
-        return self.w_q.shape[0]
-
-    @property
-    def d_head(self) -> int:
-        return self.w_q.shape[1] // self.heads
 
     @property
     def d_v(self) -> int:

@@ -17,9 +17,9 @@ import math
 import numpy as np
 
 from .. import backend
-from ..diagnosis import Diagnosis, _choice_fields
+from ..diagnosis import Diagnosis, _choice_fields, _plan
 from ..model import LoRA
-from ..poly.coefficients import DEFAULT_TOL, choose
+from ..poly.coefficients import DEFAULT_TOL
 from ..validation import check_tol
 from . import cost
 from .chain import score_bound
@@ -102,19 +102,12 @@ def diagnose(head: TensorHead, lora: LoRA, x, *, tol=None) -> TensorDiagnosis:
     e_sec = lead * cost.exact_seconds(L, d_head, d_v, targets, backend=name)
     notes = []
     dtype = backend.host_dtype(q)
-    try:
-        choice, compute = choose(m, tol=tol, dtype=dtype)
-    except ValueError as err:
-        choice = compute = None
-        notes.append(str(err))
+    choice, compute = _plan(m, tol, dtype, notes)
     p_flops = p_sec = None
     if choice is not None:
         k = choice.features(d_head)
         p_flops = lead * cost.poly_flops(L, d_head, d_v, k, targets)
         p_sec = lead * cost.poly_seconds(L, d_head, d_v, k, targets, backend=name, float64_features=compute != dtype)
-        if compute != dtype:
-            notes.append(f"float32 rounding of the polynomial (~{choice.rounding_error(dtype):.2g}) exceeds tol: "
-                         f"its features are computed in float64")
         if k * d_v >= L * L:
             notes.append(f"k * d_v = {k * d_v} >= L^2 = {L * L}: the low-rank chain is not smaller than the "
                          f"L x L^2 matrix it replaces")

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from .. import backend
-from ..model import TENSOR_TARGETS, check_columns, check_rows
+from ..model import TENSOR_TARGETS, QueryShape, check_columns, check_rows
 from ..validation import check_beta, check_int, check_real_array
 
 __all__ = ["TARGETS", "TensorHead"]
@@ -21,7 +21,7 @@ TARGETS = TENSOR_TARGETS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TensorHead:
+class TensorHead(QueryShape):
     """Frozen pretrained weights of one tensor-attention head (or of ``heads`` heads sharing the input).
 
     Parameters
@@ -58,14 +58,6 @@ class TensorHead:
         check_columns(self, (("w_q", "heads", self.heads), ("w_v1", "heads", self.heads)))
         beta = 1.0 / self.d_head if self.beta is None else check_beta(self.beta)
         object.__setattr__(self, "beta", beta)
-
-    @property
-    def d_model(self) -> int:
-        return self.w_q.shape[0]
-
-    @property
-    def d_head(self) -> int:
-        return self.w_q.shape[1] // self.heads
 
     @property
     def d_v(self) -> int:
