@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without an install
 
 # stage -> share of the budget (the shares sum to 1)
-STAGES = {"device": 0.12, "features": 0.12, "stages": 0.16, "compare": 0.60}
+STAGES = {"device": 0.10, "features": 0.12, "products": 0.12, "stages": 0.16, "compare": 0.50}
 BOUND = 1.0  # score bound M of every poly problem here (the bounded regime the polynomial method is for)
 HEADS = 8
 
@@ -68,6 +68,9 @@ class Env:
         self.d_heads = [4, 8] if dry_run else [16, 64]
         self.degrees = [1, 2]
         self.target = (512, 8, 2) if dry_run else (65536, 64, 2)  # (L, d_head, g) of the 50 ms target
+        # (L, k, p = q) of the low-rank products: d_head 16 at g 2 and 3 (p = 1 + d_head, as in the chain's
+        # grids), d_head 64 at g 2
+        self.products = [(64, 15, 5)] if dry_run else [(65536, 153, 17), (65536, 969, 17), (8192, 2145, 65)]
 
     def flush_l2(self):
         if not self.dry:
@@ -211,8 +214,56 @@ def stage_features(env: Env, out: dict, deadline: float):
                 t = cuda_time(env, lambda: monomial_features(qs, table, scale))
                 nbytes = HEADS * cost.feature_map_bytes(L, d, table.k, 4)
                 case.update(k=table.k, **t, bytes=nbytes, gbps=nbytes / t["median_s"] / 1e9)
+                # the same call on one row: the fixed cost of a call (host work, launch), which the GB/s
+                # above include; the rate net of it is the kernel's
+                one = qs[..., :1, :]
+                fixed = cuda_time(env, lambda: monomial_features(one, table, scale))["median_s"]
+                net = t["median_s"] - fixed
+                case.update(fixed_s=fixed, net_gbps=nbytes / net / 1e9 if net > 0 else None)
             except Exception as err:
                 case["error"] = f"{type(err).__name__}: {err}"
+
+
+def stage_products(env: Env, out: dict, deadline: float):
+    """The two low-rank products alone, ``kron_contract`` and ``kron_readout``, 8 heads, float32 and float64:
+    the fused Numba kernels (``gpulora.kernels``, what ``GPULORA_FUSED_PRODUCTS=1`` selects) against their
+    twins in :mod:`gpulora.poly.products` (blocks of Kronecker rows through cuBLAS, the default). The
+    comparison that sets :func:`gpulora.kernels.use_fused_products` (module docstring of
+    ``kernels/kron.py``). The dry run times the twins on NumPy and records why the kernels cannot run."""
+    from gpulora import cost, kernels
+    from gpulora.poly import products
+
+    xp = env.xp
+    rows = []
+    out["cases"] = rows
+    rng = np.random.default_rng(0)
+    for L, k, p in env.products:
+        for dtype in ("float32", "float64"):
+            # features in [0, 1) and unit-scale factors: the values do not change the time
+            psi, a, b = (xp.asarray(rng.random((HEADS, L, n)).astype(dtype)) for n in (k, p, p))
+            t = xp.asarray(rng.standard_normal((HEADS, k, p, p)).astype(dtype))
+            for op in ("contract", "readout"):
+                if time.time() > deadline:
+                    out["truncated"] = True
+                    return
+                args = (psi, a, b) if op == "contract" else (psi, a, t)
+                flops = HEADS * getattr(cost, f"kron_{op}_flops")(L, k, p, p)
+                row = {"L": L, "heads": HEADS, "k": k, "p": p, "q": p, "dtype": dtype, "op": op}
+                rows.append(row)
+                for path, fn in (("cublas", getattr(products, f"kron_{op}_reference")),
+                                 ("fused", getattr(kernels, f"kron_{op}"))):
+                    if path == "fused" and not kernels.available():
+                        row[path] = {"error": "needs CuPy, numba-cuda and a CUDA device"}
+                        continue
+                    try:
+                        res = cuda_time(env, lambda fn=fn: fn(*args), min_time=0.1, max_samples=3)
+                        row[path] = {**res, "tflops": flops / res["median_s"] / 1e12}
+                    except Exception as err:
+                        row[path] = {"error": f"{type(err).__name__}: {err}"}
+                _write_partial(out)
+            del psi, a, b, t
+            if not env.dry:
+                xp.get_default_memory_pool().free_all_blocks()
 
 
 def stage_stages(env: Env, out: dict, deadline: float):

@@ -71,14 +71,42 @@ def markdown(results: dict, tests: str = "", stages: str = "") -> str:
     if feats:
         w("#### Feature map (CuPy kernel), 8 heads, M = score bound of the inputs")
         w("")
-        w("| L | d_head | g | k | M | time | GB/s | share of copy |")
-        w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w("Fixed cost: the same call on one row (host work and launch); net GB/s: the traffic over the time "
+          "less that cost.")
+        w("")
+        w("| L | d_head | g | k | M | time | GB/s | share of copy | fixed cost | net GB/s |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in feats:
             share = c["gbps"] / copy if copy and "gbps" in c else None
+            fixed = c.get("fixed_s")
             w(f"| {c['L']} | {c['d_head']} | {c['degree']} | {c.get('k', '–')} | {c['M']:g} | {_f(_ms(c))} ms | "
-              f"{_f(c.get('gbps'), '.0f')} | {_f(share and 100 * share, '.0f')} % |" if "error" not in c else
-              f"| {c['L']} | {c['d_head']} | {c['degree']} | – | {c['M']:g} | {c['error'][:60]} | – | – |")
+              f"{_f(c.get('gbps'), '.0f')} | {_f(share and 100 * share, '.0f')} % | "
+              f"{_f(fixed and fixed * 1e3)} ms | {_f(c.get('net_gbps'), '.0f')} |" if "error" not in c else
+              f"| {c['L']} | {c['d_head']} | {c['degree']} | – | {c['M']:g} | {c['error'][:60]} |" + " – |" * 4)
         w("")
+    prods = results.get("products", {}).get("cases", [])
+    if prods:
+        w("#### Low-rank products, 8 heads: fused Numba kernels against the cuBLAS twins (the default)")
+        w("")
+        w("| op | L | k | p = q | dtype | cuBLAS twin | TFLOP/s | fused kernel | TFLOP/s | faster |")
+        w("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
+        for c in prods:
+            cells = []
+            for path in ("cublas", "fused"):
+                r = c.get(path, {})
+                cells += ([f"{_f(_ms(r))} ms", _f(r.get("tflops"))] if "median_s" in r else
+                          [r.get("error", "–")[:50], "–"])
+            both = [c.get(path, {}).get("median_s") for path in ("cublas", "fused")]
+            faster = "–" if None in both else ("fused" if both[1] < both[0] else "cuBLAS")
+            w(f"| {c['op']} | {c['L']} | {c['k']} | {c['p']} | {c['dtype']} | " + " | ".join(cells)
+              + f" | {faster} |")
+        w("")
+        timed = [c for c in prods if "median_s" in c.get("cublas", {}) and "median_s" in c.get("fused", {})]
+        if timed:
+            wins = sum(c["fused"]["median_s"] < c["cublas"]["median_s"] for c in timed)
+            w(f"- Fused kernels faster in {wins} of {len(timed)} cases; `gpulora.kernels.use_fused_products()` "
+              f"(default: the cuBLAS twins) should follow where they win.")
+            w("")
     st = results.get("stages", {})
     if st.get("parts"):
         total = _ms(st["parts"].get("total", {}))

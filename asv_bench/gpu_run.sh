@@ -5,7 +5,8 @@
 # hypothesis, setuptools. Writes under $OUT (default ./gpu-results):
 #   stages.txt   one line per shell stage: name, exit code, seconds
 #   install.log, tests.log, tests.txt (its last lines), bench.log
-#   gpu.json     every measurement (device, versions, ceilings, feature map, stage breakdown, comparison)
+#   gpu.json     every measurement (device, versions, ceilings, feature map, products, stage breakdown,
+#                comparison)
 #   gpu.md       the same as a markdown section; put it into BENCHMARKS.md with
 #                python asv_bench/gpu_report.py "$OUT" --update BENCHMARKS.md
 #
@@ -13,7 +14,7 @@
 #   --dry-run      no GPU needed: NumPy at toy sizes (checks the script), no install, no CuPy tests
 #   --budget S     seconds for the benchmark stages together (default 220)
 # Each stage runs under its own `timeout`: install 60 s, tests 150 s, benchmark budget + 30 s, report 20 s
-# (470 s in all with the default budget).
+# (480 s in all with the default budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

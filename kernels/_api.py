@@ -98,8 +98,9 @@ def use_fused_products() -> bool:
     kernels (True) or to the blocked cuBLAS twins (False).
 
     False unless the environment variable ``GPULORA_FUSED_PRODUCTS=1`` (read at each call) and
-    :func:`available`. The default is provisional: the two paths have not been timed on an H100 yet; see
-    the module docstring of ``gpulora.kernels.kron`` for what to measure.
+    :func:`available`. The default is provisional: the two paths have not been timed against each other
+    on a GPU yet; the ``products`` stage of ``asv_bench/gpu_run.sh`` does that (module docstring of
+    ``gpulora.kernels.kron``).
     """
     return os.environ.get("GPULORA_FUSED_PRODUCTS", "") not in ("", "0") and available()
 

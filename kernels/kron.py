@@ -30,15 +30,16 @@ mode (CuPy's ``CUPY_TF32=1``, 10-bit mantissa products); plain float32 SGEMM run
 units as these kernels, and cuBLAS's edge there is its register tiling (these kernels use 2 x 2 micro-tiles).
 The fused kernels save the memory traffic of the materialised blocks (``L p q`` elements written and read
 for ``kron_contract``; the ``Lb x p q`` products of ``kron_readout``) and the extra launches, but the
-products are compute-bound once ``k p q`` is in the thousands. Neither path has been timed yet: the
-machine this was written on has no GPU. So :func:`gpulora.kernels.use_fused_products` returns False
-(the cuBLAS route) unless ``GPULORA_FUSED_PRODUCTS=1``.
+products are compute-bound once ``k p q`` is in the thousands. The two paths have not been timed
+against each other on a GPU yet (the one GPU run so far checked the kernels' results only). So
+:func:`gpulora.kernels.use_fused_products` returns False (the cuBLAS route) unless
+``GPULORA_FUSED_PRODUCTS=1``.
 
-**To be measured on an H100** before changing that default: achieved TFLOP/s (``2 L k p q / time``,
-synchronised, warm, CuPy's current stream) of both paths, float32 (with and without ``CUPY_TF32=1``) and
-float64, for ``L in {4096, 16384, 65536}``, ``k in {15, 153, 495, 4845}`` and ``p = q in {4, 16, 64}``,
-for ``kron_contract`` and ``kron_readout`` separately, plus the peak device memory of each; switch
-(possibly per shape) where the fused kernel wins.
+**Measured by** the ``products`` stage of ``asv_bench/gpu_run.sh`` (``asv_bench/gpu_bench.py``), on the
+next machine with a GPU: time and TFLOP/s (``2 L k p q / time``, CUDA events, L2 flushed) of both paths,
+``kron_contract`` and ``kron_readout`` separately, float32 and float64, 8 heads, at the chain's shapes
+``(L, k, p = q) = (65536, 153, 17), (65536, 969, 17), (8192, 2145, 65)`` (d_head 16 at g 2 and 3,
+d_head 64 at g 2); switch the default (possibly per shape) where the fused kernels win.
 """
 
 from __future__ import annotations

@@ -238,13 +238,19 @@ def gpu_dry_run(tmp_path_factory):
 
 def test_gpu_bench_dry_run_measures_every_stage(gpu_dry_run):
     bench, out, results = gpu_dry_run
-    assert set(results) == {"device", "features", "stages", "compare"}
+    assert set(results) == {"device", "features", "products", "stages", "compare"}
     for name, res in results.items():
         assert res["status"] == "ok", (name, res.get("traceback"))
         assert json.loads((out / f"{name}.json").read_text())["status"] == "ok"
     dev = results["device"]
     assert dev["info"]["dry_run"] and dev["copy"]["gbps"] > 0 and dev["gemm_fp32"]["tflops"] > 0
-    assert all(c["gbps"] > 0 and c["M"] == bench.BOUND for c in results["features"]["cases"])
+    assert all(c["gbps"] > 0 and c["M"] == bench.BOUND and c["fixed_s"] > 0 for c in results["features"]["cases"])
+    prods = results["products"]["cases"]
+    assert {(c["op"], c["dtype"]) for c in prods} == {(op, dt) for op in ("contract", "readout")
+                                                      for dt in ("float32", "float64")}
+    for c in prods:  # the twins timed on NumPy; the kernels say why they cannot run without a device
+        assert c["cublas"]["median_s"] > 0 and c["cublas"]["tflops"] > 0
+        assert "CUDA device" in c["fused"]["error"]
     parts = results["stages"]["parts"]
     assert {"features (q and k)", "checks", "total"} <= set(parts) and len(parts) == 9
     assert len([p for p in parts if p.startswith("total, ")]) == 1  # the states' other form, measured too
@@ -285,7 +291,7 @@ def test_gpu_report_makes_and_updates_the_benchmarks_section(gpu_dry_run, tmp_pa
     (tmp_path / "tests.txt").write_text("3 passed, 1 skipped in 2.0s\n")
     text = report.main([str(tmp_path)])
     assert "dry run on the CPU" in text and "3 passed" in text
-    for heading in ("Ceilings", "Feature map", "Stage breakdown", "poly vs exact vs PyTorch SDPA"):
+    for heading in ("Ceilings", "Feature map", "Low-rank products", "Stage breakdown", "poly vs exact vs PyTorch SDPA"):
         assert heading in text, heading
     assert "| L | d_head | method | g | k | M |" in text and "Target, poly" in text
     doc = tmp_path / "B.md"
@@ -343,3 +349,21 @@ def test_interleaved_script_prints_both_forms_and_the_cache_sweep(monkeypatch):
     cache = il.cache().splitlines()
     assert len(cache) == 3 and cache[2].count(" ms") == 5
     assert chain.lift_states is picked and chain.CACHE_BYTES == kept
+
+
+def test_gpu_report_says_which_products_path_wins():
+    report = _script("gpu_report")
+    case = {"L": 8, "heads": 8, "k": 3, "p": 2, "q": 2, "dtype": "float32"}
+    results = {"products": {"cases": [
+        {**case, "op": "contract", "cublas": {"median_s": 2e-3, "tflops": 1.0},
+         "fused": {"median_s": 1e-3, "tflops": 2.0}},
+        {**case, "op": "readout", "cublas": {"median_s": 1e-3, "tflops": 2.0},
+         "fused": {"median_s": 4e-3, "tflops": 0.5}},
+        {**case, "op": "readout", "dtype": "float64", "cublas": {"median_s": 1e-3, "tflops": 2.0},
+         "fused": {"error": "needs CuPy, numba-cuda and a CUDA device"}},
+    ]}}
+    text = report.markdown(results)
+    assert "| contract | 8 | 3 | 2 | float32 | 2 ms | 1 | 1 ms | 2 | fused |" in text
+    assert "| readout | 8 | 3 | 2 | float32 | 1 ms | 2 | 4 ms | 0.5 | cuBLAS |" in text
+    assert "| readout | 8 | 3 | 2 | float64 | 1 ms | 2 | needs CuPy, numba-cuda and a CUDA device | – | – |" in text
+    assert "Fused kernels faster in 1 of 2 cases" in text
