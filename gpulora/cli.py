@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="matrix (softmax) attention, or the tensor attention of Alman & Song over key "
                             "pairs (gpulora.tensor; all five targets q,k1,k2,v1,v2; threshold cbrt(log L)) "
                             "(default matrix)")
-    from .phase import DEFAULT_BOUNDS, DEFAULT_LENGTHS, DEFAULT_MAX_FEATURE_ELEMENTS
+    from .phase import DEFAULT_BOUNDS, DEFAULT_MAX_FEATURE_ELEMENTS
 
     phase.add_argument("--bounds", type=_list_of(_positive_float), default=None,
                        help=f"comma-separated score bounds M (default {','.join(map(str, DEFAULT_BOUNDS))}; "

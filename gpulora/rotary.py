@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-
 from . import backend
 from .validation import check_real_array
 

@@ -79,7 +79,7 @@ def test_multihead_equals_separate_heads(case, softmax_one):
         parts = [gpulora.lora_grad(h, lo, p.x, y, causal=causal, **kw) for h, lo, y, _ in heads]
         assert whole.method == kw["method"]
         assert rel_error(whole.loss, sum(float(r.loss) for r in parts)) < 1e-13
-        for (h, lo, _, cols), part in zip(heads, parts):
+        for h, lo, _, cols in heads:
             o_h = gpulora.forward(h, lo, p.x, causal=causal, **kw)
             assert rel_error(o[..., cols["v"]], o_h) < 1e-13
         for t in p.lora.adapters:

@@ -70,7 +70,6 @@ class TorchLoRA:
 
     def __call__(self):
         """Forward and backward; returns the loss tensor (gradients are set, not accumulated)."""
-        torch = self.torch
         proj = {}
         for t, w0 in self.w0.items():
             w = w0

@@ -242,7 +242,7 @@ def main(argv=None) -> str:
         f"| ring exact | {sr['seconds']:.4g} | {sr['compute']:.4g} | {sr['network']:.3g} | {sr['bytes']:.4g} | "
         f"{cost.exact_flops(L, d, d) / P:.4g} |",
         "",
-        f"poly phases: " + "; ".join(f"{p.name} {p.seconds:.3g} s" for p in poly),
+        "poly phases: " + "; ".join(f"{p.name} {p.seconds:.3g} s" for p in poly),
         f"ratio ring / poly: {sr['seconds'] / sp['seconds']:.3g}x time, {sr['bytes'] / sp['bytes']:.3g}x bytes",
     ]
     text = "\n".join(lines)

@@ -162,7 +162,7 @@ def dense_layer(head, lora, x, *, y=None, grad_output=None, causal=False, key_ma
            for a in (x, y, grad_output, cos, sin)]
     x, y, grad_output, cos, sin = f64
     b, L, _ = x.shape
-    H, H_kv, d, dv = head.heads, head.kv_heads, head.d_head, head.d_v
+    H, H_kv, dv = head.heads, head.kv_heads, head.d_v
     w, proj = {}, {}
     for t, heads in (("q", H), ("k", H_kv), ("v", H_kv)):
         w[t] = np.asarray(backend.to_numpy(head.weight(t)), dtype=np.float64)

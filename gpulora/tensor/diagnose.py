@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 
 from .. import backend
 from ..diagnosis import Diagnosis, _choice_fields, _plan
