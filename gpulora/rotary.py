@@ -43,15 +43,22 @@ def rotary_transpose(g, cos, sin):
     return g * cos - _rotate_half(xp, g * sin)
 
 
+def _one_of(shapes) -> str:
+    """``"(a,), (b, c) or (d, e)"``."""
+    text = [str(tuple(s)) for s in shapes]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
+
+
 def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None, rope_theta=None,
                   rope_cos=None, rope_sin=None):
     """Validated ``(cos, sin)`` of shape ``(N, 1, L, d_head)`` (``N`` = the flattened ``lead`` or 1), or ``None``.
 
     The arrays must come from ``xp`` (the caller checks the namespace of all its arguments together).
 
-    Either ``rope_theta`` (a float > 0; ``position_ids`` integers of shape ``(L,)``, ``(1, L)`` or
-    ``lead + (L,)``, default ``0 .. L-1``), or explicit ``rope_cos`` and ``rope_sin`` of shape
-    ``(L, d_head)``, ``(1, L, d_head)`` or ``lead + (L, d_head)``. ``d_head`` must be even. Nothing given: ``None`` (no rotation).
+    Either ``rope_theta`` (a float > 0; ``position_ids`` integers of shape ``(L,)``, ``(1, L)`` (one 1 per
+    leading axis of ``x``, at least one) or ``lead + (L,)``, default ``0 .. L-1``), or explicit ``rope_cos``
+    and ``rope_sin`` of shape ``(L, d_head)``, ``(1, L, d_head)`` (likewise) or ``lead + (L, d_head)``.
+    ``d_head`` must be even. Nothing given: ``None`` (no rotation).
     """
     given = {n: a for n, a in (("rope_theta", rope_theta), ("position_ids", position_ids), ("rope_cos", rope_cos),
                                ("rope_sin", rope_sin)) if a is not None}
@@ -65,14 +72,14 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
         raise ValueError("position_ids need rope_theta (the rotary base, e.g. 10000.0)")
     if d_head % 2:
         raise ValueError(f"rotary embeddings rotate pairs of coordinates: d_head must be even, got {d_head}")
-    shapes = [(L,), (1,) * len(lead) + (L,), tuple(lead) + (L,)]
+    # (L,), one leading 1 per leading axis of x (at least one: (1, L) for unbatched x too), or lead + (L,)
+    shapes = list(dict.fromkeys([(L,), (1,) * max(len(lead), 1) + (L,), tuple(lead) + (L,)]))
     if rope_cos is not None:
         tables = []
         for name, a in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
             check_real_array(name, a, half=True)
             if tuple(a.shape) not in [s + (d_head,) for s in shapes]:
-                raise ValueError(f"{name} must have shape {(L, d_head)}, {(1,) * len(lead) + (L, d_head)} or "
-                                 f"{tuple(lead) + (L, d_head)}, "
+                raise ValueError(f"{name} must have shape {_one_of([s + (d_head,) for s in shapes])}, "
                                  f"got {tuple(a.shape)}")
             tables.append(xp.reshape(xp.astype(a, dtype, copy=False), (-1, 1, L, d_head)))
         return tables[0], tables[1]
@@ -90,8 +97,7 @@ def rotary_tables(xp, L: int, d_head: int, dtype, *, lead=(), position_ids=None,
         if backend.host_dtype(position_ids).kind not in "iu":
             raise TypeError(f"position_ids must have an integer dtype, got {position_ids.dtype}")
         if tuple(position_ids.shape) not in shapes:
-            raise ValueError(f"position_ids must have shape {(L,)}, {(1,) * len(lead) + (L,)} or {tuple(lead) + (L,)}, "
-                             f"got {tuple(position_ids.shape)}")
+            raise ValueError(f"position_ids must have shape {_one_of(shapes)}, got {tuple(position_ids.shape)}")
         pos = xp.reshape(xp.astype(position_ids, xp.float64), (-1, L))
     inv_freq = float(rope_theta) ** (-xp.astype(xp.arange(0, d_head, 2), xp.float64) / d_head)
     ang = pos[..., None] * inv_freq  # [N or 1, L, d_head / 2]

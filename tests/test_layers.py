@@ -408,6 +408,25 @@ def test_position_ids_broadcast_over_the_batch():
     np.testing.assert_allclose(a.dx, c.dx, rtol=1e-14, atol=1e-15)
 
 
+def test_unbatched_x_takes_the_leading_one_rotary_shapes():
+    """For x of shape (L, d_model), position_ids (1, L) and cos/sin tables (1, L, d_head) (what Hugging Face
+    hands over) mean what (L,) and (L, d_head) mean; a wrong shape is named once per accepted form."""
+    layer, causal = _layer(CASES[4])
+    x, g = layer.x[0], layer.g[0]
+    L, d = x.shape[0], layer.head.d_head
+    kw = dict(grad_output=g, causal=causal, return_dx=True, method="exact")
+    ref = gpulora.lora_grad(layer.head, layer.lora, x, rope_theta=100.0, position_ids=np.arange(L), **kw)
+    ids = gpulora.lora_grad(layer.head, layer.lora, x, rope_theta=100.0, position_ids=np.arange(L)[None], **kw)
+    cos, sin = rope_cos_sin_reference(np.arange(L)[None], d, 100.0)  # (1, L, d_head)
+    tables = gpulora.lora_grad(layer.head, layer.lora, x, rope_cos=cos, rope_sin=sin, **kw)
+    for res in (ids, tables):
+        np.testing.assert_allclose(res.dx, ref.dx, rtol=1e-13, atol=1e-15)
+        for t in ref.grads:
+            np.testing.assert_allclose(res.grads[t].A, ref.grads[t].A, rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match=rf"position_ids must have shape \({L},\) or \(1, {L}\), got \(2, {L}\)"):
+        gpulora.lora_grad(layer.head, layer.lora, x, rope_theta=100.0, position_ids=np.zeros((2, L), int), **kw)
+
+
 def test_half_precision_layer_overflow_is_refused():
     layer, causal = _layer(CASES[0], dtype=np.float16)
     big = np.full_like(layer.y, 6e4)
