@@ -196,8 +196,8 @@ def error_estimate(att: Attention, p: Plan, residual_norm: float) -> float:
     (the mean of ``V``; ``0`` for Softmax_1, whose virtual key has value 0), and ``E = delta sqrt(L sum over
     (batch, query head) of max_j |v_j - c|^2)`` (a key/value head counts once per query head it serves).
     Since ``|G| >= R - E``, ``E / (R - E)`` bounds the relative error of the residual ``G = O - y`` that every
-    gradient is linear in; it is ``inf`` when ``R <= E`` (near a perfect fit, the residual may be all
-    approximation error). ``E`` is a worst case (no cancellation between keys): measured, it is 60..500 times
+    gradient is linear in; it is ``inf`` when ``0 < E`` and ``R <= E`` (near a perfect fit, the residual may
+    be all approximation error), and ``eps`` when ``E = 0`` (all values equal, or every row padding). ``E`` is a worst case (no cancellation between keys): measured, it is 60..500 times
     the actual ``|O~ - O|`` on random problems, and the estimate upper-bounded the measured adapter-gradient
     error at every noise level tested (tests/test_adversarial.py). Not covered: cancellation in the sum over
     tokens of an adapter gradient (README, "Precision and tolerance"). Cost ``O(L d_v)``, one host read.
@@ -219,6 +219,8 @@ def estimate_from_spread(p: Plan, rows: int, spread2: float, residual_norm: floa
     eps = p.error_bound
     delta = 2 * eps / (1 - eps)
     e_out = delta * math.sqrt(rows * spread2)
+    if e_out == 0:  # every value row equal (or every row padding): O~ = O whatever the weights
+        return eps
     return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
 
 

@@ -432,3 +432,21 @@ class TestTorchTensorKinds:
                    "int": lambda: x.to(torch.int64)}[kind]()
             with refused(TypeError, "x must"):
                 self.gt.lora_grad(*w, ad, bad, y, alpha=2.0, method="exact")
+
+
+def test_every_row_padding_gets_an_honest_estimate():
+    """All keys padded: output and gradients are exactly 0, nothing is approximated (E = 0), so the
+    estimate is the polynomial's bound: no AccuracyWarning under poly, no exact rerun under auto."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    L, dm, d = 8, 4, 4
+    head = gpulora.Head(*(rng.standard_normal((dm, d)) for _ in range(3)))
+    lora = gpulora.LoRA({t: (rng.standard_normal((dm, 2)), rng.standard_normal((2, d))) for t in "qv"}, alpha=2.0)
+    x, y = rng.standard_normal((2, L, dm)), rng.standard_normal((2, L, d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gpulora.AccuracyWarning)
+        res = gpulora.lora_grad(head, lora, x, y, method="poly", lengths=np.array([0, 0]))
+        auto = gpulora.lora_grad(head, lora, x, y, method="auto", lengths=np.array([0, 0]))
+    assert res.error_estimate == res.error_bound and auto.method == "poly"
+    assert float(res.loss) == 0.0 and all(not np.any(g.B) and not np.any(g.A) for g in res.grads.values())

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..adapters import _merge_heads, _split_heads, adapter_grads
-from ..dispatch import Plan, _leaves, judge_estimate
+from ..dispatch import Plan, _leaves, estimate_from_spread, judge_estimate
 from ..model import AccuracyWarning, GradResult, LoRA, RunRecord, check_call_types, check_parameters
 from ..poly.budget import FeatureBudgetError, check_budget, poly_bytes
 from ..poly.chain import PolynomialFailure
@@ -201,8 +201,9 @@ def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False
     |v1_j1 * v2_j2 - c|`` for any constant ``c``. With ``c = m1 * m2`` (the column means of ``V1``, ``V2``),
     ``v1 * v2 - c = (v1 - m1) * v2 + m1 * (v2 - m2)`` and, by Hoelder, ``|a * b|_2 <= min(|a|_inf |b|_2,
     |a|_2 |b|_inf)``; ``E = delta sqrt(L sum over (batch, head) of that maximum squared)`` bounds
-    ``|O~ - O|_F``, a worst case (no cancellation between key pairs). ``R = |O~ - y|_F``; ``inf`` when
-    ``R <= E`` (near a perfect fit the residual may be all approximation error). With an upstream gradient
+    ``|O~ - O|_F``, a worst case (no cancellation between key pairs). ``R = |O~ - y|_F``; the last step is
+    :func:`gpulora.dispatch.estimate_from_spread` (``inf`` when ``0 < E`` and ``R <= E``: near a perfect fit
+    the residual may be all approximation error). With an upstream gradient
     (``upstream``) ``G = dO`` carries no approximation error and the estimate is ``eps + delta``. Cost
     ``O(L d_v)``, one host read.
     """
@@ -222,8 +223,7 @@ def error_estimate(projections, p: Plan, residual_norm: float, *, upstream=False
         return xp.minimum(ai * b2, a2 * bi)
 
     spread = product(v1 - m1, v2) + product(m1, v2 - m2)  # [batch, H]
-    e_out = delta * math.sqrt(v1.shape[-2] * backend.to_float(xp.sum(spread * spread)))
-    return eps + (e_out / (residual_norm - e_out) if residual_norm > e_out else math.inf)
+    return estimate_from_spread(p, v1.shape[-2], backend.to_float(xp.sum(spread * spread)), residual_norm)
 
 
 def _run(projections, p: Plan, *, beta, y, upstream, need, with_output=False):
