@@ -8,6 +8,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gpulora
 from gpulora.exact.reference import dense_layer, rope_cos_sin_reference
@@ -114,6 +116,37 @@ def test_layer_matches_dense_reference(case, upstream):
         assert res.loss is None
     o = gpulora.forward(layer.head, layer.lora, layer.x, causal=causal, **layer.opts)
     _assert_close(o, out, 1e-12, "out")
+
+
+@st.composite
+def _cases(draw):
+    """A random CASES entry: every layer option, in any combination."""
+    heads = draw(st.integers(1, 4))
+    kv = draw(st.sampled_from([None] + [n for n in range(1, heads + 1) if heads % n == 0]))
+    return (draw(st.integers(0, 2**16)), draw(st.integers(1, 3)), draw(st.integers(1, 12)), heads, kv,
+            draw(st.sampled_from(["q", "k", "v", "qv", "qk", "kv", "qkv"])), draw(st.booleans()),
+            draw(st.sampled_from([None, "key_mask", "lengths"])), draw(st.sampled_from([None, "theta", "tables"])),
+            draw(st.booleans()), draw(st.booleans()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_cases(), upstream=st.sampled_from(["y", "grad_output"]))
+def test_random_layers_match_dense_reference(case, upstream):
+    """Random combinations of the options above (a fuzzed differential check, kept): every gradient, dx and
+    the output against the dense float64 reference."""
+    layer, causal = _layer(case)
+    up = {"y": layer.y} if upstream == "y" else {"grad_output": layer.g}
+    res = gpulora.lora_grad(layer.head, layer.lora, layer.x, causal=causal, method="exact", return_dx=True,
+                            **up, **layer.opts)
+    loss, out, grads, dx = dense_layer(layer.head, layer.lora, layer.x, causal=causal, key_mask=layer.key_mask,
+                                       cos=layer.cos, sin=layer.sin, **up)
+    for t, (db, da) in grads.items():
+        _assert_close(res.grads[t].B, db, 1e-12, t + " B")
+        _assert_close(res.grads[t].A, da, 1e-12, t + " A")
+    _assert_close(res.dx, dx, 1e-12, "dx")
+    _assert_close(gpulora.forward(layer.head, layer.lora, layer.x, causal=causal, **layer.opts), out, 1e-12, "out")
+    if upstream == "y":
+        assert abs(float(res.loss) - loss) <= 1e-12 * loss + 1e-300
 
 
 def _torch_layer(torch, layer, causal, upstream):
