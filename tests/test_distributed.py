@@ -194,6 +194,30 @@ def test_local_scheduler_without_client():
     _assert_same(res, ref)
 
 
+@pytest.mark.parametrize("batch", [None, 1], ids=["2-D x", "batch 1"])
+def test_default_mode_runs_an_unsplit_x_as_one_task(client, batch):
+    """mode="auto" (the default) on an x that is one block, 2-D or a batch of 1: one task, the one-process
+    answer (only an explicit mode="batch" asks for a batch to split)."""
+    p = make_problem(12, L=20, d_model=6, d_head=3, r=2, targets="qkv", batch=batch, score_bound=1.0)
+    ref = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="poly")
+    res = gd.lora_grad(p.head, p.lora, p.x, p.y, client=client, method="poly")
+    assert "one task" in res.note
+    _assert_same(res, ref)
+
+
+@pytest.mark.parametrize("chunks", [(None, 7), (1, None)], ids=["tokens", "batch"])
+def test_mixed_dtypes_compute_and_return_as_one_process(client, chunks):
+    """float32 x and y with float64 weights and adapters: float64 arithmetic and results (NumPy's promotion
+    of every input), as gpulora.lora_grad, not x's float32."""
+    p = make_problem(13, L=30, d_model=6, d_head=3, r=2, targets="qkv", batch=2, score_bound=1.0)
+    x32, y32 = p.x.astype(np.float32), p.y.astype(np.float32)
+    ref = gpulora.lora_grad(p.head, p.lora, x32, y32, method="poly")
+    res = gd.lora_grad(p.head, p.lora, x32, y32, client=client, method="poly",
+                       chunks=(chunks[0], np.int64(chunks[1])) if chunks[1] else chunks)
+    assert ref.compute_dtype == res.compute_dtype == "float64" and res.loss.dtype == np.float64
+    _assert_same(res, ref)
+
+
 def test_inputs_not_modified(client):
     p = make_problem(9, **PROBLEM)
     before = [a.copy() for a in (p.x, p.y, p.head.w_q, p.lora.adapters["q"][1])]
@@ -216,6 +240,7 @@ BAD = [
     (dict(chunks=4), ValueError, "chunks must be a pair"),
     (dict(chunks=(None, 10), unbatched=True), ValueError, "x has no batch axis"),
     (dict(client="tcp://nowhere"), TypeError, "client must be a distributed.Client"),
+    (dict(as_list=True), TypeError, "x must be"),
     (dict(dask_chunks=True), ValueError, "chunks applies to NumPy/CuPy input"),
     (dict(chunks=(1, None), both=True), TypeError, "exactly one of y"),
 ]
@@ -231,6 +256,8 @@ def test_bad_chunking_is_named(case, exc, match):
         x, y = x[0], y[0]
     if case.pop("both", False):
         case["grad_output"] = y
+    if case.pop("as_list", False):
+        x = x.tolist()
     if case.pop("dask_chunks", False):
         x, y = da.from_array(x), da.from_array(y)
         case["chunks"] = (1, None)

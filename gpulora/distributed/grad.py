@@ -33,6 +33,7 @@ import numpy as np
 from .. import backend
 from ..dispatch import _checked_poly, _with_fallback, check_options, estimate_from_spread, plan_for_bound
 from ..model import AdapterGrad, GradResult, Head, LoRA, check_call_types, check_parameters
+from ..validation import compute_dtype, result_dtype
 from . import tasks
 from .parts import check_cover, combine, tree_reduce
 from .shards import Shards, place, shared, split
@@ -66,6 +67,7 @@ def choose_layout(sh: Shards, H: int, mode: str, heads_per_task) -> Layout:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     nb, nt = len(sh.batch_sizes), len(sh.token_sizes)
     groups = _head_groups(H, heads_per_task)
+    requested = mode
     if mode == "auto":
         mode = "tokens" if nt > 1 else "batch"
     if mode == "tokens":
@@ -79,9 +81,10 @@ def choose_layout(sh: Shards, H: int, mode: str, heads_per_task) -> Layout:
         raise ValueError(f"mode='batch' needs whole sequences per block, but x is split over tokens into "
                          f"{sh.token_sizes}: use mode='tokens' or chunk only the batch axis")
     if nb < 2 and len(groups) < 2:
-        if mode == "batch" and sh.batch < 2:
+        if requested == "batch" and sh.batch < 2:
             raise ValueError(f"a batch of {sh.batch} cannot be split over the batch axis: split x over tokens "
-                             f"(chunks=(None, n), mode='tokens') or over heads (heads_per_task)")
+                             f"({'chunks=(None, n)' if sh.batched else 'chunks=n'}, mode='tokens') or over "
+                             f"heads (heads_per_task)")
         why = "x is one block (no split): one task"
     else:
         why = f"{nb} batch block(s) {sh.batch_sizes} x {len(groups)} head group(s)"
@@ -212,16 +215,16 @@ def _tokens_causal_poly_total(blocks, kind, head_d, lora_d, plan_d, targets):
     return tree_reduce(parts), cover
 
 
-def _attempt(head, lora, sh: Shards, kind, lay: Layout, client, *, method, degree, tol, causal, family):
-    """Place the blocks, plan from the whole call's bound, run the mode and check the result as
-    :func:`gpulora.lora_grad` does: ``(plan, (loss, grads), error_estimate)``."""
+def _attempt(head, lora, sh: Shards, kind, lay: Layout, client, *, dtype, method, degree, tol, causal, family):
+    """Place the blocks, plan from the whole call's bound in the compute ``dtype``, run the mode and check the
+    result as :func:`gpulora.lora_grad` does: ``(plan, (loss, grads), error_estimate)``."""
     tag = uuid.uuid4().hex[:8]
     head_d = shared(head, client, f"gpulora-head-{tag}")
     lora_d = shared(lora, client, f"gpulora-lora-{tag}")
     blocks = place(sh, client)
     bound, means = _bound(blocks, head_d, lora_d, head.beta, client)
     group = max(h1 - h0 for h0, h1 in lay.heads)
-    p = plan_for_bound(bound, method, dtype=sh.dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
+    p = plan_for_bound(bound, method, dtype=dtype, lead=sh.batch * head.heads, L=sh.L, d_head=head.d_head,
                        d_v=head.d_v, backend_name="cupy" if backend.is_cupy(sh.sample) else "numpy",
                        causal=causal, degree=degree, tol=tol, family=family, targets=lora.targets,
                        task_lead=max(sh.batch_sizes) * group, task_L=max(sh.token_sizes))
@@ -315,7 +318,10 @@ def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, client=Non
         raise ValueError(f"grouped-query heads (kv_heads = {head.kv_heads} < heads = {head.heads}) run in "
                          f"mode='batch' without heads_per_task; token shards and head groups need kv_heads = heads")
     client = _resolve_client(client)
-    opts = dict(method=method, degree=degree, tol=tol, causal=causal, family=family)
+    # the dtypes of gpulora.lora_grad: NumPy's promotion of every input (float32 at least for the arithmetic)
+    upstream = y if y is not None else grad_output
+    dtypes = (sh.sample, np.empty((0,), np.dtype(upstream.dtype)), *head.arrays().values(), *lora.arrays().values())
+    opts = dict(dtype=compute_dtype(*dtypes), method=method, degree=degree, tol=tol, causal=causal, family=family)
     retried = ""
     try:
         p, (loss_, grads), est = _attempt(head, lora, sh, kind, lay, client, **opts)
@@ -337,5 +343,5 @@ def lora_grad(head: Head, lora: LoRA, x, y=None, *, grad_output=None, client=Non
     log.info(note)
     fields = p.fields(head.d_head)
     fields["note"] = note
-    loss_ = None if loss_ is None else xp.asarray(loss_, dtype=sh.dtype)
+    loss_ = None if loss_ is None else xp.asarray(loss_, dtype=backend.namespace_dtype(xp, result_dtype(*dtypes)))
     return GradResult(loss=loss_, grads=grads, error_estimate=est, **fields)

@@ -11,7 +11,10 @@ and a dask ``y`` whose leading chunks differ from ``x``'s is re-chunked to ``x``
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
+
+import numpy as np
 
 __all__ = ["Shards", "place", "shared", "split"]
 
@@ -52,16 +55,22 @@ def _is_dask(a) -> bool:
     return type(a).__module__.split(".")[0] == "dask" and hasattr(a, "chunks") and hasattr(a, "to_delayed")
 
 
+def _is_int(c) -> bool:
+    """An integer block size: Python or NumPy integers, as dask accepts them (not bools)."""
+    return isinstance(c, numbers.Integral) and not isinstance(c, (bool, np.bool_))
+
+
 def _axis_sizes(name: str, spec, n: int, axis: str) -> tuple[int, ...]:
     """Normalise one axis of ``chunks`` (int block size, tuple of sizes, or None/-1 for one block)."""
-    if spec is None or (isinstance(spec, int) and not isinstance(spec, bool) and spec == -1):
+    if spec is None or (_is_int(spec) and spec == -1):
         return (n,)
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if _is_int(spec):
+        spec = int(spec)
         if spec < 1:
             raise ValueError(f"{name}: the {axis} block size must be >= 1 (or -1 / None for one block), got {spec}")
         return tuple(min(spec, n - i) for i in range(0, n, spec))
-    if isinstance(spec, (tuple, list)) and all(isinstance(c, int) and not isinstance(c, bool) for c in spec):
-        sizes = tuple(spec)
+    if isinstance(spec, (tuple, list)) and all(_is_int(c) for c in spec):
+        sizes = tuple(int(c) for c in spec)
         if not sizes or min(sizes) < 1 or sum(sizes) != n:
             raise ValueError(
                 f"{name}: the {axis} block sizes {sizes} must be positive and sum to the {axis} length {n}"
@@ -103,6 +112,8 @@ def split(x, y, chunks, d_model: int, d_y: int, y_name: str = "y") -> Shards:
     dask_x = _is_dask(x)
     if y is not None and _is_dask(y) != dask_x:
         raise TypeError(f"x and {y_name} must both be dask arrays or both NumPy/CuPy arrays")
+    if not dask_x:
+        _check_leading(x, y, y_name)
     if x.ndim not in (2, 3):
         raise ValueError(f"x must have 2 or 3 dimensions, got shape {tuple(x.shape)}")
     batched = x.ndim == 3
@@ -128,10 +139,9 @@ def split(x, y, chunks, d_model: int, d_y: int, y_name: str = "y") -> Shards:
         lead = x.chunks[:-1]
         sample = x._meta
     else:
-        _check_leading(x, y, y_name)
         if chunks is None:
             spec = (None,) * (x.ndim - 1)
-        elif isinstance(chunks, int) and not isinstance(chunks, bool):
+        elif _is_int(chunks):
             if batched:
                 raise ValueError(f"chunks must be a pair (batch, tokens) for a 3-D x of shape {tuple(x.shape)}, "
                                  f"got {chunks!r}")
