@@ -114,13 +114,6 @@ def _sum_to(xp, a, shape):
     return xp.reshape(xp.sum(a, axis=axes), shape) if axes else a
 
 
-def _row_dots(xp, a, b):
-    """``sum(a * b, axis=-1)`` without the product array where the namespace has ``vecdot`` (the array API
-    standard's; NumPy 2: the time of one elementwise pass). Cost ``O(size)``."""
-    vecdot = getattr(xp, "vecdot", None)
-    return vecdot(a, b, axis=-1) if vecdot is not None else xp.sum(a * b, axis=-1)
-
-
 def _finite_max(xp, m):
     """Row maxima with those of rows that have no key at all (all scores ``-inf``: padding rows) set to 0;
     with their sums set to 1 (``xp.where(l == 0, 1.0, l)``) their weights are 0 and their log-sum-exp finite."""
@@ -282,7 +275,7 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
             # [lead, bq, bk]: dloss/dS on this block (0 on padding rows, where g = r = 0), in one buffer
             p = g @ vb.mT
             if r is None:  # r / l = rowsum(E * (G' V^T)) / l, from the products the block subtracts it from
-                r = _row_dots(xp, fb, p)[..., None] / el[1]
+                r = backend.row_dots(xp, fb, p)[..., None] / el[1]
             p -= r
             p *= fb
             if dqb is not None:

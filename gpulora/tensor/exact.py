@@ -164,7 +164,8 @@ def loss_and_grads(q, k1, k2, v1, v2, beta, *, y=None, grad_output=None, need=("
             loss = loss + xp.sum(xp.astype(o * g, xp.float64))
         if not need:
             continue
-        r = xp.sum(g * o, axis=-1, keepdims=True)  # [..., bq, 1]
+        # [..., bq, 1]; with a single tile, from the products it is subtracted from (as in the matrix case)
+        r = None if f_single is not None else xp.sum(g * o, axis=-1, keepdims=True)
         dqb = xp.zeros(qb.shape, dtype=q.dtype) if dq is not None else None
         for s1, s2 in _tiles(L, b1, b2):
             k1b, k2b, v1b, v2b = k1[..., s1, :], k2[..., s2, :], v1[..., s1, :], v2[..., s2, :]
@@ -182,6 +183,8 @@ def loss_and_grads(q, k1, k2, v1, v2, beta, *, y=None, grad_output=None, need=("
             if dqb is None and "k1" not in grads and "k2" not in grads:
                 continue
             w = gv1 @ v2b.mT  # [..., bq n1, n2]: g_i . (v1_a * v2_b)
+            if r is None:  # r = rowsum(F * W) over the row's key pairs: rows one pair dominates cancel alike
+                r = backend.row_dots(xp, xp.reshape(f, lead + (n, -1)), xp.reshape(w, lead + (n, -1)))[..., None]
             p = xp.reshape(f, lead + (n, -1)) * (xp.reshape(w, lead + (n, -1)) - r)
             p = xp.reshape(p, f.shape)  # dloss/dS on this tile
             if dqb is not None or "k1" in grads:

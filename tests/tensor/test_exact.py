@@ -88,3 +88,18 @@ def test_memory_is_linear_in_L(monkeypatch):
         tracemalloc.stop()
     assert exact.block_sizes(1, 192, 4)[1:] != (192, 192)  # tiled, two sweeps
     assert peaks[1] - peaks[0] < 0.5 * 192 * 192 * 8, peaks  # measured: about 14 kB (the O(L) outputs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_one_key_pair_dominates_gets_its_tiny_gradient(dtype):
+    """Query 1's softmax is one key pair to within e^-83, so its contributions to dQ, dK1, dK2 are ~1e-37.
+    ``r`` from the same products it is subtracted from (single tile) gets them right in either precision;
+    ``r = g . o`` from the rounded output left 1e-7 (float32) and 1e-16 (float64) in their place. The
+    values: PyTorch autograd of the same attention in float64."""
+    q, k1, k2 = np.array([[-0.3], [8.7]]), np.array([[3.4], [-2.0]]), np.array([[-1.1], [3.5]])
+    v1, v2, g = np.array([[-0.7], [0.0]]), np.array([[0.2], [-1.1]]), np.array([[0.0], [0.3]])
+    _, dq, dk1, dk2, _, _ = exact.loss_and_grads(*(a.astype(dtype) for a in (q, k1, k2, v1, v2)), 1.0,
+                                                 grad_output=g.astype(dtype))
+    np.testing.assert_allclose(dq[1, 0], -1.13742648e-37, rtol=1e-5)
+    np.testing.assert_allclose(dk1[1, 0], 4.94780517e-37, rtol=1e-5)
+    np.testing.assert_allclose(dk2[0, 0], 8.99600940e-37, rtol=1e-5)
