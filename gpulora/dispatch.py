@@ -5,7 +5,7 @@ Both front doors use it: :mod:`gpulora.functional` (q/k/v level) and :mod:`gpulo
 They hand over an :class:`Attention`, the validated call in the grouped layout
 
     q (N, H_kv, n_rep, L, d_head),   k (N, H_kv, 1, L, d_head),   v (N, H_kv, 1, L, d_v),
-    key_valid (N, 1, 1, L) bool or None,
+    key_valid (N, 1, 1, L) bool or None  (its False positions are padding queries too unless pad_queries=False),
 
 in the compute dtype (float32 or float64), where ``N`` is the flattened batch and each key/value head
 serves ``n_rep`` query heads (``n_rep = 1``: plain multi-head attention). :func:`run_vjp` and
@@ -61,18 +61,29 @@ class Attention:
     causal: bool = False
     softmax_one: bool = False
     key_valid: Any = None
+    # True: a masked position is padding as a query too (self-attention: zero output and gradient there);
+    # False: only keys are masked and every query row is computed (cross-attention, transformers' masks)
+    pad_queries: bool = True
 
-    def masked_rows(self, a):
-        """``a (N, ., ., L, d)`` with its padding rows zeroed (a new array; ``a`` itself when unmasked)."""
-        return a if self.key_valid is None else self.xp.where(self.key_valid[..., None], a, 0.0)
+    @property
+    def query_valid(self):
+        """The mask of the real query rows, ``(N, 1, 1, L)``, or None (every row real)."""
+        return self.key_valid if self.pad_queries else None
+
+    def masked_rows(self, a, valid=None):
+        """``a (N, ., ., L, d)`` with the rows ``valid`` (default: ``key_valid``) excludes zeroed (a new array;
+        ``a`` itself when nothing is excluded)."""
+        valid = self.key_valid if valid is None else valid
+        return a if valid is None else self.xp.where(valid[..., None], a, 0.0)
 
     def without_padding(self) -> Attention:
-        """This call with the padding rows of ``q``, ``k`` and ``v`` zeroed: they take part in no result, and
-        whatever finite values they hold can then overflow no score, feature or product. ``O(L d)``."""
+        """This call with the masked rows of ``k`` and ``v``, and the padding rows of ``q``, zeroed: they take
+        part in no result, and whatever finite values they hold can then overflow no score, feature or
+        product. ``O(L d)``."""
         if self.key_valid is None:
             return self
-        return dataclasses.replace(self, q=self.masked_rows(self.q), k=self.masked_rows(self.k),
-                                   v=self.masked_rows(self.v))
+        q = self.q if self.query_valid is None else self.masked_rows(self.q, self.query_valid)
+        return dataclasses.replace(self, q=q, k=self.masked_rows(self.k), v=self.masked_rows(self.v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +254,13 @@ def _poly_chain(att: Attention, p: Plan, y, grad_output, need):
     Grouped-query attention costs nothing extra: the key states of a key/value head serve its whole group
     (broadcast in pass 2), and the query states of the group are summed before pass 3 (the states are sums).
     """
-    xp, q, k, v, beta, mask = att.xp, att.q, att.k, att.v, att.beta, att.key_valid
+    xp, q, k, v, beta, mask, rows_mask = att.xp, att.q, att.k, att.v, att.beta, att.key_valid, att.query_valid
     dtype = backend.namespace_dtype(xp, p.compute_dtype)
     chain.check_extreme_pairs(beta * xp.astype(q, dtype, copy=False),
-                              xp.astype(_expanded(att, k), dtype, copy=False), p.choice, query_mask=mask, key_mask=mask)
+                              xp.astype(_expanded(att, k), dtype, copy=False), p.choice, query_mask=rows_mask,
+                              key_mask=mask)
     keys = chain.key_pass(k, v, p.choice, need=need, key_mask=mask, compute_dtype=dtype)
-    rows, state = chain.query_pass(q, keys, beta, p.choice, y=y, grad_output=grad_output, query_mask=mask,
+    rows, state = chain.query_pass(q, keys, beta, p.choice, y=y, grad_output=grad_output, query_mask=rows_mask,
                                    softmax_one=att.softmax_one, need=need)
     chain.check_normaliser_ratio(state.worst, p.choice)
     grads = {}
@@ -266,7 +278,7 @@ def _poly_causal(att: Attention, p: Plan, y, grad_output, need):
     xp, q, beta, mask = att.xp, att.q, att.beta, att.key_valid
     lay = causal_chain._layout(q, _expanded(att, att.k), _expanded(att, att.v), beta, p.choice,
                                backend.namespace_dtype(xp, p.compute_dtype),
-                               None, None, mask, mask)
+                               None, None, mask, att.query_valid)
     target = y if y is not None else grad_output
     mode = None if target is None else ("y" if y is not None else "grad_output")
     fwd = causal_chain.forward_sweep(lay, beta, p.choice, target=None if target is None else lay.padded(target),
@@ -284,14 +296,15 @@ def _poly_causal(att: Attention, p: Plan, y, grad_output, need):
 def _vjp(att: Attention, p: Plan, *, y, grad_output, need):
     if p.method == "exact":
         return exact.attention_vjp(att.q, att.k, att.v, att.beta, y=y, grad_output=grad_output, causal=att.causal,
-                                   softmax_one=att.softmax_one, key_valid=att.key_valid, need=need)
+                                   softmax_one=att.softmax_one, key_valid=att.key_valid, need=need,
+                                   pad_queries=att.pad_queries)
     return (_poly_causal if att.causal else _poly_chain)(att, p, y, grad_output, need)
 
 
 def _output(att: Attention, p: Plan):
     if p.method == "exact":
         return exact.attention_output(att.q, att.k, att.v, att.beta, causal=att.causal, softmax_one=att.softmax_one,
-                                      key_valid=att.key_valid)
+                                      key_valid=att.key_valid, pad_queries=att.pad_queries)
     return (_poly_causal if att.causal else _poly_chain)(att, p, None, None, ())[1]
 
 

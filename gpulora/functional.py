@@ -48,7 +48,7 @@ __all__ = ["attention", "attention_vjp"]
 class _Call:
     """A validated q/k/v call: the grouped :class:`~gpulora.dispatch.Attention` and how to undo the layout."""
 
-    def __init__(self, q, k, v, grad_output, *, beta, causal, key_mask, softmax_one):
+    def __init__(self, q, k, v, grad_output, *, beta, causal, key_mask, softmax_one, pad_queries=True):
         named = {"q": q, "k": k, "v": v, "grad_output": grad_output}
         for name, a in named.items():
             if a is not None:
@@ -89,7 +89,8 @@ class _Call:
         self.grad_output = None if grad_output is None else grouped(grad_output, rep)
         key_valid = None if key_mask is None else xp.reshape(key_mask, (N, 1, 1, L))
         self.att = Attention(xp, grouped(q, rep), grouped(k, 1), grouped(v, 1), beta,
-                             causal=causal, softmax_one=softmax_one, key_valid=key_valid)
+                             causal=causal, softmax_one=softmax_one, key_valid=key_valid,
+                             pad_queries=pad_queries)
 
     def back(self, name, a):
         """``a`` in the caller's layout and result dtype (``None`` stays ``None``)."""

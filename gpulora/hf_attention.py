@@ -14,9 +14,10 @@ which adds two entries under the name ``"gpulora"``:
 The mask is converted by :func:`key_mask_from_hf` to what gpulora represents: a key padding mask ``(B, L)``
 and a causal flag. A mask that is not of that form (a sliding window, packed sequences, any per-query
 pattern, an additive bias) is refused with a ``ValueError``, as are attention dropout in training mode, a
-KV cache longer than the queries, soft-capping, attention sinks and position biases. Padding query rows get
-zero output, as with ``flash_attention_2`` (SDPA attends them to the valid keys): outputs at valid
-positions, and every gradient of a loss that does not read padded positions, equal SDPA's.
+KV cache longer than the queries, soft-capping, attention sinks and position biases. The mask masks keys
+only, as transformers means it: every query row is computed as SDPA computes it (a row without any key
+gets zero output), so cross-attention is right too, where query ``i`` (a decoder token) has nothing to do
+with key ``i`` (an encoder token), and outputs and gradients equal SDPA's at every position.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def key_mask_from_hf(attention_mask, *, causal: bool, batch: int, q_len: int, kv
     ValueError
         For a mask that is not "key padding, then optionally causal" (a sliding window, packed sequences,
         any other per-query pattern, an additive bias, per-head masks), of the wrong shape, or
-        ``L_q != L_k`` (a KV cache: gpulora attends within one sequence).
+        ``L_q != L_k`` (a KV cache, or cross-attention between sequences of different lengths).
     TypeError
         For a mask that is not a tensor (e.g. flex attention's ``BlockMask``) or of an unsupported dtype.
 
@@ -123,9 +124,9 @@ def key_mask_from_hf(attention_mask, *, causal: bool, batch: int, q_len: int, kv
     nothing when ``attention_mask`` is ``None``.
     """
     if q_len != kv_len:
-        raise ValueError(f"gpulora attends queries to the keys of the same sequence, but the layer has {q_len} "
-                         f"queries and {kv_len} keys (a KV cache, e.g. generation); run it with use_cache=False or "
-                         "with attn_implementation='sdpa'")
+        raise ValueError(f"gpulora attends L queries to L keys, but the layer has {q_len} queries and {kv_len} "
+                         f"keys (a KV cache in generation: run it with use_cache=False; or cross-attention between "
+                         f"sequences of different lengths): use attn_implementation='sdpa' for this model")
     if attention_mask is None:
         return None, bool(causal) and q_len > 1
     if not isinstance(attention_mask, torch.Tensor):
@@ -197,7 +198,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                          "represent it")
     key_mask, causal = key_mask_from_hf(attention_mask, causal=causal, batch=batch, q_len=q_len, kv_len=kv_len)
     out = torch_attention.attention(query, key, value, key_mask=key_mask, causal=causal, beta=scaling,
-                                    layer=_layer_name(module))
+                                    layer=_layer_name(module), pad_queries=False)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -40,7 +40,7 @@ from . import dispatch, functional
 from .backend import namespace
 from .poly.coefficients import FAMILIES
 from .torch import to_array, to_torch
-from .validation import check_bool, check_degree, check_method, check_tol
+from .validation import check_bool, check_degree, check_fits, check_method, check_tol
 
 __all__ = ["AttentionFunction", "Options", "Run", "attention", "last_run", "options", "recording", "set_options"]
 
@@ -197,6 +197,7 @@ class _Call:
     plan: Any  # gpulora.dispatch.Plan
     layer: str | None
     arrays: Any = None  # gpulora.functional._Call viewing q, k, v, key_mask
+    pad_queries: bool = True  # see attention()
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:
@@ -247,23 +248,22 @@ class AttentionFunction(torch.autograd.Function):
             raise RuntimeError("gpulora's attention backward is not differentiable: double backward "
                                "(create_graph=True) is not supported")
         q, k, v, key_mask = ctx.saved_tensors
-        call, p = ctx.call, ctx.call.plan
+        call = ctx.call
         qa, ka, va, mask = _arrays(q, k, v, key_mask)
-        poly = p.method == "poly"
-        res = functional.attention_vjp(qa, ka, va, to_array(_compute(grad_out), "grad_output"), beta=call.beta,
-                                       causal=call.causal, key_mask=mask, method=p.method,
-                                       degree=p.choice.degree if poly else None,
-                                       family=p.choice.family if poly else None)
-        _record(Run(call.layer, "backward", res.method, "gpulora", res.degree, res.features, res.family, res.bound,
-                    res.note))
-        grads = [to_torch(g).to(t.dtype) if need else None
-                 for g, t, need in zip((res.dq, res.dk, res.dv), (q, k, v), ctx.needs_input_grad)]
+        fc = functional._Call(qa, ka, va, to_array(_compute(grad_out), "grad_output"), beta=call.beta,
+                              causal=call.causal, key_mask=mask, softmax_one=False, pad_queries=call.pad_queries)
+        # the forward's plan itself: its method, polynomial, compute dtype and tol (then its checks and fallback)
+        ran, (_, _, dq, dk, dv), _ = dispatch.run_vjp(fc.att, call.plan, call.requested, grad_output=fc.grad_output)
+        _record(Run(call.layer, "backward", engine="gpulora", **_fields(ran, q.shape[-1])))
+        res = [fc.back(name, g) for name, g in (("q", dq), ("k", dk), ("v", dv))]
+        check_fits(fc.result_dtype, *res)
+        grads = [to_torch(g).to(t.dtype) if need else None for g, t, need in zip(res, (q, k, v), ctx.needs_input_grad)]
         return (*grads, None, None)
 
 
-def _sdpa(q, k, v, key_mask, causal, beta):
+def _sdpa(q, k, v, key_mask, causal, beta, pad_queries=True):
     """Exact attention by torch's ``scaled_dot_product_attention`` (torch autograd), gpulora's conventions:
-    grouped-query heads, padding query rows zeroed."""
+    grouped-query heads, padding query rows zeroed (``pad_queries``)."""
     mask = None
     if key_mask is not None:
         mask = key_mask[..., None, None, :]
@@ -272,10 +272,10 @@ def _sdpa(q, k, v, key_mask, causal, beta):
             mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=beta, enable_gqa=q.shape[-3] != k.shape[-3])
-    return out if key_mask is None else out * key_mask[..., None, :, None].to(out.dtype)
+    return out if key_mask is None or not pad_queries else out * key_mask[..., None, :, None].to(out.dtype)
 
 
-def attention(q, k, v, *, key_mask=None, causal=False, beta=None, layer=None, **overrides):
+def attention(q, k, v, *, key_mask=None, causal=False, beta=None, layer=None, pad_queries=True, **overrides):
     """Attention ``softmax(beta q k^T) v`` per head on torch tensors, differentiable in ``q``, ``k``, ``v``.
 
     Parameters
@@ -286,7 +286,11 @@ def attention(q, k, v, *, key_mask=None, causal=False, beta=None, layer=None, **
         One device (CPU or CUDA); float16, bfloat16, float32 or float64. ``H_kv`` divides ``H``
         (grouped-query attention: ``dk``, ``dv`` sum over each key/value head's query heads).
     key_mask : bool tensor of shape (..., L), optional
-        True = attend. Masked keys are excluded; padding query rows get zero output and gradient.
+        True = attend. Masked keys are excluded; padding query rows get zero output and gradient (with
+        ``pad_queries``).
+    pad_queries : bool
+        False: ``key_mask`` masks keys only and every query row is computed, as transformers' masks mean
+        (cross-attention: query ``i`` is not key ``i``); a row without a key gets zero output.
     causal : bool
         Exclude keys ``j > i``.
     beta : float, optional
@@ -321,16 +325,19 @@ def attention(q, k, v, *, key_mask=None, causal=False, beta=None, layer=None, **
     check_bool("causal", causal)
     qa, ka, va, mask = _arrays(q, k, v, key_mask)
     # validates shapes, heads, key_mask and finiteness, naming the argument; views, no copies
-    fc = functional._Call(qa, ka, va, None, beta=beta, causal=causal, key_mask=mask, softmax_one=False)
+    pad_queries = check_bool("pad_queries", pad_queries)
+    fc = functional._Call(qa, ka, va, None, beta=beta, causal=causal, key_mask=mask, softmax_one=False,
+                          pad_queries=pad_queries)
     p = None
     if opts.method != "exact" or opts.exact_engine != "sdpa":
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         p = dispatch.plan(fc.att, opts.method, degree=opts.degree, tol=opts.tol, family=opts.family,
                           targets=("q", "k", "v") if training else ())
     if p is None or (p.method == "exact" and opts.exact_engine == "sdpa"):
-        out = _sdpa(q, k, v, key_mask, causal, fc.att.beta)
+        out = _sdpa(q, k, v, key_mask, causal, fc.att.beta, pad_queries)
         why = "exact attention run by torch's scaled_dot_product_attention (exact_engine='sdpa'), backward by torch"
         note = f"{p.note}; {why}" if p is not None and p.note else why
         _record(Run(layer, "forward", "exact", "sdpa", bound=None if p is None else p.bound, note=note))
         return out
-    return AttentionFunction.apply(q, k, v, key_mask, _Call(fc.att.beta, causal, opts.method, p, layer, fc))
+    return AttentionFunction.apply(q, k, v, key_mask, _Call(fc.att.beta, causal, opts.method, p, layer, fc,
+                                                            pad_queries))

@@ -8,6 +8,7 @@ every answer is either right (checked against exact or a float64 reference) or c
 """
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -217,9 +218,26 @@ class TestOverflow:
         assert all(np.all(np.isfinite(g.B)) and np.all(np.isfinite(g.A)) for g in res.grads.values())
 
     def test_gradients_past_the_dtype(self):
-        p = _small()  # scores ~1e200 are representable, the adapter gradients (~1e400) are not
+        """Small scores (q, k weights scaled down with x scaled up), values ~1e155: dW_v = x^T dV ~1e310 is
+        past float64 while every input and score is finite."""
+        p = _small()
+        tiny = 1e-160
+        head = dataclasses.replace(p.head, w_q=p.head.w_q * tiny, w_k=p.head.w_k * tiny)
+        lora = gpulora.LoRA({t: (b, a * tiny if t in "qk" else a) for t, (b, a) in p.lora.adapters.items()},
+                            alpha=p.lora.alpha)
         with no_warnings(), refused(ValueError, "overflowed float64"):
-            gpulora.lora_grad(p.head, p.lora, p.x * 1e100, p.y, method="auto")
+            gpulora.lora_grad(head, lora, p.x * 1e155, p.y, method="auto")
+
+    def test_one_hot_rows_have_exactly_zero_score_gradients(self):
+        """Scores ~1e200: every row's softmax is one key in float64, so dS = F * (dP - r) is exactly 0 and the
+        q/k adapter gradients are 0; r from the same products as dP keeps them so (r = g . o once left rounding
+        residues of 1e184 there, which overflowed the adapter gradients)."""
+        p = _small()
+        with no_warnings():
+            res = gpulora.lora_grad(p.head, p.lora, p.x * 1e100, p.y, method="auto")
+        assert res.method == "exact"
+        assert not np.any(res.grads["q"].B) and not np.any(res.grads["k"].A)
+        assert np.all(np.isfinite(res.grads["v"].B)) and np.any(res.grads["v"].B)
 
 
 class TestExtremeBounds:

@@ -4,9 +4,10 @@ Tiny BERT-type (q/k/v biases, padding mask) and LLaMA-type (RoPE, grouped-query 
 2 key/value heads, causal, padding) models are built from configs with random weights. Each test runs the
 same model twice, once with ``"sdpa"`` and once with ``"gpulora"`` (gpulora's own exact engine, so that SDPA
 is not compared with itself), calls ``loss.backward()`` and compares every LoRA parameter's gradient and the
-input embeddings' gradient. The loss reads only valid (non-padding) positions, as real losses do: padding
-query rows get zero attention output under gpulora (as under ``flash_attention_2``), where SDPA attends them
-to the valid keys.
+input embeddings' gradient. The loss reads only valid (non-padding) positions, as real losses do (gpulora
+computes the padding query rows as SDPA does, but a left-padding row with no key at all is 0 under gpulora).
+An encoder-decoder model (BART) checks cross-attention, whose key mask is the encoder's padding while every
+decoder query is real.
 
 Tolerances. float64: 1e-10 relative (the two differ by rounding only, ~1e-15 per layer). float32: gpulora
 and SDPA both computed in float32 are compared with the float64 SDPA reference, and gpulora's error may be
@@ -128,6 +129,39 @@ def test_lora_gradients_float32_within_twice_sdpa_error(build, lengths, left):
         err, err_sdpa = rel_error(got32[name].double().numpy(), g.numpy()), rel_error(sdpa32[name].double().numpy(),
                                                                                     g.numpy())
         assert err <= 2 * err_sdpa + 1e-6, (name, err, err_sdpa)
+
+
+def _bart(dtype, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BartConfig(vocab_size=50, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0, max_position_embeddings=32,
+                                  attn_implementation="sdpa")
+    return transformers.BartModel(cfg).to(dtype), ["q_proj", "k_proj", "v_proj"]
+
+
+def test_cross_attention_matches_sdpa_at_every_decoder_position():
+    """Encoder padding masks the cross-attention's keys only: every decoder position (query row i is decoder
+    token i, not encoder token i) and every LoRA gradient equal SDPA's, the padded encoder positions
+    included in the decoder's rows."""
+    model = _lora(*_bart(torch.float64))
+    g = torch.Generator().manual_seed(3)
+    src, tgt = torch.randint(3, 50, (2, 6), generator=g), torch.randint(3, 50, (2, 6), generator=g)
+    src_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    weights = torch.randn(2, 6, 32, generator=g, dtype=torch.float64)
+    out = {}
+    for impl, opts in (("sdpa", {}), ("gpulora", EXACT)):
+        model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        with gt.options(**opts):
+            h = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, use_cache=False).last_hidden_state
+            (h * weights).sum().backward()
+        out[impl] = h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    (h_ref, ref), (h, got) = out["sdpa"], out["gpulora"]
+    assert rel_error(h.numpy(), h_ref.numpy()) < 1e-12
+    assert len(ref) == 3 * 3 * 2  # A and B of q, k, v in the encoder, the decoder and the cross-attention
+    for name, g_ref in ref.items():
+        assert float(g_ref.abs().max()) > 0 and rel_error(got[name].numpy(), g_ref.numpy()) < 1e-10, name
 
 
 def test_sdpa_engine_is_default_and_says_so():

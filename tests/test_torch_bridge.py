@@ -7,6 +7,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="gpulora.torch needs PyTorch")
 gt = pytest.importorskip("gpulora.torch")
 
+import gpulora  # noqa: E402
 from gpulora.testing import rel_error  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -327,6 +329,45 @@ def test_attention_poly_holds_tol_on_bounded_scores(causal, padded, tol):
     assert rel_error(out.numpy(), ref_out.numpy()) <= 10 * tol
     for name, a, b in zip("qkv", got, ref):
         assert rel_error(a.numpy(), b.numpy()) <= 10 * tol, name
+
+
+@pytest.mark.parametrize("method, engine", [("exact", "gpulora"), ("exact", "sdpa"), ("poly", "gpulora")])
+def test_key_only_mask_computes_every_query_row(method, engine):
+    """pad_queries=False (what transformers' masks mean; cross-attention): masked keys are excluded and every
+    query row is computed, as SDPA with that mask computes it, forward and backward."""
+    q, k, v, d_out = _qkv(63, 2, 4, 2, 12, 4, 4)
+    q, k = (t / t.norm(dim=-1, keepdim=True) for t in (q, k))
+    key_mask = torch.arange(12)[None, :] < torch.tensor([[12], [5]])
+
+    def ref_fn(q, k, v):  # SDPA's semantics: keys masked, no query row zeroed
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                                                scale=1.0, enable_gqa=True)
+
+    ref_out, ref = _vjp(ref_fn, q, k, v, d_out)
+    out, got = _vjp(lambda q, k, v: gt.attention(q, k, v, key_mask=key_mask, beta=1.0, pad_queries=False,
+                                                 method=method, exact_engine=engine, tol=1e-6), q, k, v, d_out)
+    rtol = 1e-12 if method == "exact" else 1e-5
+    assert float(out[1, :, 5:].abs().min()) > 0  # the rows at masked positions are computed
+    assert rel_error(out.numpy(), ref_out.numpy()) < rtol
+    for name, a, b in zip("qkv", got, ref):
+        assert rel_error(a.numpy(), b.numpy()) < rtol, name
+
+
+def test_backward_runs_the_forwards_plan():
+    """The backward runs the forward's plan itself: the polynomial, the tol it was asked (no warning against
+    the default 1e-3 for a tol=1e-2 degree) and the compute dtype (float64 features for float32 inputs at tol
+    1e-6, as the forward chose)."""
+    q, k, v, d_out = _qkv(64, 1, 2, 2, 16, 4, 4)
+    q, k = (t / t.norm(dim=-1, keepdim=True) for t in (q, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gpulora.AccuracyWarning)
+        with gt.recording() as runs:
+            _vjp(lambda q, k, v: gt.attention(q, k, v, beta=1.0, method="poly", tol=1e-2), q, k, v, d_out)
+    assert [(r.phase, r.degree) for r in runs] == [("forward", runs[0].degree), ("backward", runs[0].degree)]
+    q32, k32, v32, d32 = (t.float() for t in (q, k, v, d_out))
+    ref = _vjp(lambda q, k, v: _torch_attention(q, k, v, None, False, 2.0), q, k, v, d_out)[1]
+    got = _vjp(lambda q, k, v: gt.attention(q, k, v, beta=2.0, method="poly", tol=1e-6), q32, k32, v32, d32)[1]
+    assert rel_error(got[0].double().numpy(), ref[0].numpy()) < 5e-7  # float32 features gave 1.1e-6 here
 
 
 def test_attention_auto_picks_and_records():

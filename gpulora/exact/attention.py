@@ -169,12 +169,13 @@ def _row_valid(key_valid, i0, i1):
     return None if key_valid is None else key_valid[..., i0:i1, None]
 
 
-def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, key_valid=None, block_q=None,
-                     block_k=None):
+def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, key_valid=None, pad_queries=True,
+                     block_q=None, block_k=None):
     """``O = softmax(beta Q K^T) V`` of shape ``(..., L, d_v)``, blocked like :func:`attention_vjp`.
 
     ``q (..., L, d_head)``, ``k (..., L, d_head)``, ``v (..., L, d_v)`` with broadcasting leading axes;
-    ``key_valid`` a boolean ``(..., L)`` broadcasting against them (padding rows of ``O`` are 0).
+    ``key_valid`` a boolean ``(..., L)`` broadcasting against them (padding rows of ``O`` are 0, unless
+    ``pad_queries=False``: keys masked only, as in :func:`attention_vjp`).
     """
     xp = backend.namespace(q, k, v)
     L = q.shape[-2]
@@ -185,13 +186,13 @@ def attention_output(q, k, v, beta, *, causal=False, softmax_one=False, key_vali
         i1 = min(L, i0 + bq)
         o, _, _ = _forward_rows(xp, q[..., i0:i1, :], k, v, beta, i0, _kv_end(L, i1, causal), bk, causal,
                                 softmax_one, key_valid)
-        valid = _row_valid(key_valid, i0, i1)
+        valid = _row_valid(key_valid if pad_queries else None, i0, i1)
         out[..., i0:i1, :] = o if valid is None else xp.where(valid, o, 0.0)
     return out
 
 
 def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, softmax_one=False, key_valid=None,
-                  need=("q", "k", "v"), block_q=None, block_k=None, row0=0):
+                  pad_queries=True, need=("q", "k", "v"), block_q=None, block_k=None, row0=0):
     """Exact attention output and the vector-Jacobian product for an upstream gradient (or the paper's loss).
 
     Parameters
@@ -208,6 +209,9 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
     causal, softmax_one : bool
     key_valid : boolean array of shape (..., L), optional
         True = attend; broadcasts against the leading axes. Padding rows get ``O = 0`` and ``G = 0``.
+    pad_queries : bool
+        False: ``key_valid`` masks keys only and every query row is computed (cross-attention); a row
+        without a key gets ``O = 0``.
     need : iterable of {"q", "k", "v"}
         Gradients to compute; an empty ``need`` gives the output (and loss) alone.
     block_q, block_k : int, optional
@@ -243,7 +247,7 @@ def attention_vjp(q, k, v, beta, *, grad_output=None, y=None, causal=False, soft
         qb = beta * q[..., i0:i1, :]  # dK = beta P^T Q = P^T (beta Q): beta costs O(L d), no block pass
         kv_end = _kv_end(Lk, row0 + i1, causal)
         o, lse, el = _forward_rows(xp, qb, k, v, 1, row0 + i0, kv_end, bk, causal, softmax_one, key_valid)
-        valid = _row_valid(key_valid, row0 + i0, row0 + i1)
+        valid = _row_valid(key_valid if pad_queries else None, row0 + i0, row0 + i1)
         if valid is not None:
             o = xp.where(valid, o, 0.0)
         out[..., i0:i1, :] = o
