@@ -264,6 +264,9 @@ class AttentionFunction(torch.autograd.Function):
 def _sdpa(q, k, v, key_mask, causal, beta, pad_queries=True):
     """Exact attention by torch's ``scaled_dot_product_attention`` (torch autograd), gpulora's conventions:
     grouped-query heads, padding query rows zeroed (``pad_queries``)."""
+    if not q.dtype == k.dtype == v.dtype:  # mixed dtypes: torch's promotion, the result in q's dtype as gpulora's
+        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        return _sdpa(q.to(common), k.to(common), v.to(common), key_mask, causal, beta, pad_queries).to(q.dtype)
     mask = None
     if key_mask is not None:
         mask = key_mask[..., None, None, :]

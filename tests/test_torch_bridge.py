@@ -353,6 +353,18 @@ def test_key_only_mask_computes_every_query_row(method, engine):
         assert rel_error(a.numpy(), b.numpy()) < rtol, name
 
 
+def test_mixed_dtypes_run_on_either_engine():
+    """float32 q with float64 k, v: both engines compute in the promoted float64 and return q's float32."""
+    q, k, v, d_out = _qkv(65, 1, 2, 2, 8, 4, 4)
+    ref_out, ref = _vjp(lambda q, k, v: _torch_attention(q, k, v, None, False, 0.5), q, k, v, d_out)
+    for engine in ("gpulora", "sdpa"):
+        out, got = _vjp(lambda q, k, v: gt.attention(q, k, v, beta=0.5, method="exact", exact_engine=engine),
+                        q.float(), k, v, d_out.float())
+        assert out.dtype == got[0].dtype == torch.float32 and got[1].dtype == torch.float64, engine
+        assert rel_error(out.double().numpy(), ref_out.numpy()) < 1e-6, engine
+        assert rel_error(got[1].numpy(), ref[1].numpy()) < 1e-6, engine
+
+
 def test_backward_runs_the_forwards_plan():
     """The backward runs the forward's plan itself: the polynomial, the tol it was asked (no warning against
     the default 1e-3 for a tol=1e-2 degree) and the compute dtype (float64 features for float32 inputs at tol
