@@ -90,22 +90,24 @@ def _layer(case, **kw):
     return layer, causal
 
 
-def _assert_close(got, want, rtol, name=""):
-    assert np.linalg.norm(np.asarray(got, np.float64) - want) <= rtol * np.linalg.norm(want) + 1e-14, name
+def _assert_close(got, want, rtol, name="", atol=1e-14):
+    assert np.linalg.norm(np.asarray(got, np.float64) - want) <= rtol * np.linalg.norm(want) + atol, name
 
 
-@pytest.mark.parametrize("upstream", ["y", "grad_output"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_layer_matches_dense_reference(case, upstream):
+def _check_against_dense(case, upstream):
+    """lora_grad (exact, with dx), loss and forward of ``case`` against the dense float64 reference."""
     layer, causal = _layer(case)
     up = {"y": layer.y} if upstream == "y" else {"grad_output": layer.g}
     res = gpulora.lora_grad(layer.head, layer.lora, layer.x, causal=causal, method="exact", return_dx=True,
                             **up, **layer.opts)
     loss, out, grads, dx = dense_layer(layer.head, layer.lora, layer.x, causal=causal, key_mask=layer.key_mask,
                                        cos=layer.cos, sin=layer.sin, **up)
+    # a gradient that is 0 in exact arithmetic (one token: a softmax over one key is constant) is compared
+    # with the rounding of the call's gradients as a whole, not with its own (0) norm
+    atol = max(1e-14, 1e-12 * max(np.linalg.norm(a) for g in grads.values() for a in g))
     for t, (db, da) in grads.items():
-        _assert_close(res.grads[t].B, db, 1e-12, t + " B")
-        _assert_close(res.grads[t].A, da, 1e-12, t + " A")
+        _assert_close(res.grads[t].B, db, 1e-12, t + " B", atol)
+        _assert_close(res.grads[t].A, da, 1e-12, t + " A", atol)
     assert res.dx.shape == layer.x.shape and res.dx.dtype == np.float64
     _assert_close(res.dx, dx, 1e-12, "dx")
     if upstream == "y":
@@ -116,6 +118,12 @@ def test_layer_matches_dense_reference(case, upstream):
         assert res.loss is None
     o = gpulora.forward(layer.head, layer.lora, layer.x, causal=causal, **layer.opts)
     _assert_close(o, out, 1e-12, "out")
+
+
+@pytest.mark.parametrize("upstream", ["y", "grad_output"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_layer_matches_dense_reference(case, upstream):
+    _check_against_dense(case, upstream)
 
 
 @st.composite
@@ -132,21 +140,9 @@ def _cases(draw):
 @settings(max_examples=40, deadline=None)
 @given(case=_cases(), upstream=st.sampled_from(["y", "grad_output"]))
 def test_random_layers_match_dense_reference(case, upstream):
-    """Random combinations of the options above (a fuzzed differential check, kept): every gradient, dx and
-    the output against the dense float64 reference."""
-    layer, causal = _layer(case)
-    up = {"y": layer.y} if upstream == "y" else {"grad_output": layer.g}
-    res = gpulora.lora_grad(layer.head, layer.lora, layer.x, causal=causal, method="exact", return_dx=True,
-                            **up, **layer.opts)
-    loss, out, grads, dx = dense_layer(layer.head, layer.lora, layer.x, causal=causal, key_mask=layer.key_mask,
-                                       cos=layer.cos, sin=layer.sin, **up)
-    for t, (db, da) in grads.items():
-        _assert_close(res.grads[t].B, db, 1e-12, t + " B")
-        _assert_close(res.grads[t].A, da, 1e-12, t + " A")
-    _assert_close(res.dx, dx, 1e-12, "dx")
-    _assert_close(gpulora.forward(layer.head, layer.lora, layer.x, causal=causal, **layer.opts), out, 1e-12, "out")
-    if upstream == "y":
-        assert abs(float(res.loss) - loss) <= 1e-12 * loss + 1e-300
+    """Random combinations of the options above (a fuzzed differential check, kept): every gradient, dx, the
+    loss and the output against the dense float64 reference."""
+    _check_against_dense(case, upstream)
 
 
 def _torch_layer(torch, layer, causal, upstream):
