@@ -33,9 +33,10 @@ __all__ = ["MAX_PROBLEM_BYTES", "NPZ_HELP", "NPZ_KEYS", "ProblemFileError", "ins
 
 MAX_PROBLEM_BYTES = 1 << 31  # default limit on the bytes the arrays of one problem file may declare
 
-NPZ_KEYS = ("w_q", "w_k", "w_v", "x", "beta", "heads", "alpha") + tuple(f"{m}_{t}" for t in TARGETS for m in "BA")
+NPZ_KEYS = (("w_q", "w_k", "w_v", "x", "beta", "heads", "kv_heads", "softmax_one", "alpha")
+            + tuple(f"b_{t}" for t in TARGETS) + tuple(f"{m}_{t}" for t in TARGETS for m in "BA"))
 REQUIRED_KEYS = ("w_q", "w_k", "w_v", "x")
-_SCALAR_KEYS = ("beta", "heads", "alpha")
+_SCALAR_KEYS = ("beta", "heads", "kv_heads", "softmax_one", "alpha")
 
 NPZ_HELP = """\
 keys of the .npz file (np.savez):
@@ -44,6 +45,9 @@ keys of the .npz file (np.savez):
   x           (L, d_model) or (batch, L, d_model)   inputs
   beta        scalar, optional      inverse temperature (default 1/sqrt(d_head))
   heads       scalar int, optional  number of heads H packed in the columns (default 1)
+  kv_heads    scalar int, optional  key/value heads H_kv (grouped-query; w_k, w_v (d_model, H_kv*d); default H)
+  softmax_one scalar 0/1, optional  Softmax_1 (default 0)
+  b_q, b_k, b_v                     optional biases, shaped like a column of w_q, w_k, w_v
   B_q, A_q, B_k, A_k, B_v, A_v      optional LoRA adapters, B (d_model, r), A (r, d_out), in pairs
   alpha       scalar, required with adapters: W = W0 + (alpha/r) B A
 Without adapters the frozen head is diagnosed (zero adapters on --targets).
@@ -55,18 +59,28 @@ class ProblemFileError(ValueError):
 
 
 def save_problem(path, head: Head, lora: LoRA | None, x) -> None:
-    """Save ``head``, ``lora`` (or None) and ``x`` to ``path`` (.npz, keys :data:`NPZ_KEYS`).
+    """Save ``head`` (its weights, biases, ``beta``, ``heads``, ``kv_heads``, ``softmax_one``), ``lora`` (or
+    None) and ``x`` to ``path`` (.npz, keys :data:`NPZ_KEYS`); :func:`load_problem` gives them back.
 
-    Arrays are copied to the host (CuPy) and stored uncompressed in their dtype; ``np.savez`` appends
-    ``.npz`` to a path without it. Cost: one pass over the arrays.
+    Arrays are copied to the host (CuPy) and stored uncompressed in their dtype, except bfloat16, which
+    ``.npz`` cannot hold: it is stored as float32, exactly (and loads as float32; gpulora computes half
+    precision in float32 either way). ``np.savez`` appends ``.npz`` to a path without it. Cost: one pass over
+    the arrays.
     """
-    data = {"w_q": head.w_q, "w_k": head.w_k, "w_v": head.w_v, "x": x,
-            "beta": np.float64(head.beta), "heads": np.int64(head.heads)}
+    data = {"w_q": head.w_q, "w_k": head.w_k, "w_v": head.w_v, "x": x, "beta": np.float64(head.beta),
+            "heads": np.int64(head.heads), "kv_heads": np.int64(head.kv_heads),
+            "softmax_one": np.int64(head.softmax_one)}
+    data.update({f"b_{t}": head.bias(t) for t in TARGETS if head.bias(t) is not None})
     if lora is not None:
         data["alpha"] = np.float64(lora.alpha)
         for t, (b, a) in lora.adapters.items():
             data[f"B_{t}"], data[f"A_{t}"] = b, a
-    np.savez(path, **{k: backend.to_numpy(v) for k, v in data.items()})
+
+    def host(a):
+        a = backend.to_numpy(a)
+        return a.astype(np.float32) if a.dtype.kind == "V" or a.dtype.name == "bfloat16" else a
+
+    np.savez(path, **{k: host(v) for k, v in data.items()})
 
 
 def _size(n: int) -> str:
@@ -206,8 +220,13 @@ def load_problem(path, *, xp=np, targets="qv", max_bytes: int = MAX_PROBLEM_BYTE
         raise ProblemFileError(f"{path}: not a readable .npz archive: cannot read its arrays ({err})") from None
     beta = _scalar(path, arrays, "beta", float) if "beta" in arrays else None
     heads = _scalar(path, arrays, "heads", int) if "heads" in arrays else 1
+    kv_heads = _scalar(path, arrays, "kv_heads", int) if "kv_heads" in arrays else None
+    softmax_one = _scalar(path, arrays, "softmax_one", int) if "softmax_one" in arrays else 0
+    if softmax_one not in (0, 1):
+        raise ProblemFileError(f"{path}: key 'softmax_one' must be 0 or 1, got {softmax_one}")
     dev = {k: xp.asarray(v) for k, v in arrays.items() if k not in _SCALAR_KEYS}
-    head = Head(dev["w_q"], dev["w_k"], dev["w_v"], beta=beta, heads=heads)
+    head = Head(dev["w_q"], dev["w_k"], dev["w_v"], beta=beta, heads=heads, kv_heads=kv_heads,
+                softmax_one=bool(softmax_one), b_q=dev.get("b_q"), b_k=dev.get("b_k"), b_v=dev.get("b_v"))
     adapters = {}
     for t in TARGETS:
         have = [f"{m}_{t}" in arrays for m in "BA"]

@@ -131,12 +131,38 @@ def test_diagnose_without_adapters_and_with_np_savez(tmp_path, capsys):
     assert "no adapters" in out and "heads=2" in out and "beta=0.3" in out
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_save_and_load_give_the_same_problem(tmp_path, dtype):
+    """Every part of a head round-trips (grouped-query kv_heads, biases, Softmax_1, beta) and diagnoses the
+    same; bfloat16 is stored as float32, exactly."""
+    from gpulora.io import load_problem
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    cast = (lambda a: a.astype(ml_dtypes.bfloat16)) if dtype == "bfloat16" else (lambda a: a)
+    w = {t: cast(rng.standard_normal((8, n)) / 3) for t, n in (("q", 8), ("k", 4), ("v", 4))}
+    b = {t: cast(rng.standard_normal(w[t].shape[1])) for t in "qkv"}
+    head = gpulora.Head(w["q"], w["k"], w["v"], beta=0.4, heads=2, kv_heads=1, softmax_one=True,
+                        b_q=b["q"], b_k=b["k"], b_v=b["v"])
+    lora = gpulora.LoRA({"q": (cast(rng.standard_normal((8, 2))), cast(rng.standard_normal((2, 8))))}, alpha=3.0)
+    x = cast(rng.standard_normal((2, 16, 8)))
+    save_problem(tmp_path / "p.npz", head, lora, x)
+    head2, lora2, x2, note = load_problem(tmp_path / "p.npz")
+    assert note == "" and (head2.heads, head2.kv_heads, head2.softmax_one, head2.beta) == (2, 1, True, 0.4)
+    for name, a in {**head.arrays(), **lora.arrays(), "x": x}.items():
+        b2 = {**head2.arrays(), **lora2.arrays(), "x": x2}[name]
+        assert b2.dtype == (np.float32 if dtype == "bfloat16" else np.float64), name
+        np.testing.assert_array_equal(b2, np.asarray(a, dtype=b2.dtype), err_msg=name)
+    assert lora2.alpha == 3.0 and gpulora.diagnose(head2, lora2, x2).bound == gpulora.diagnose(head, lora, x).bound
+
+
 def test_diagnose_help_documents_the_keys(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["diagnose", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for key in ("w_q", "w_k", "w_v", "x", "beta", "heads", "alpha", "B_q", "A_v", "save_problem"):
+    for key in ("w_q", "w_k", "w_v", "x", "beta", "heads", "kv_heads", "softmax_one", "b_q", "alpha", "B_q", "A_v",
+                "save_problem"):
         assert key in out, key
 
 
