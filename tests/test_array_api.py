@@ -102,6 +102,31 @@ def test_foreign_or_mixed_arrays_are_rejected_by_name():
         gpulora.lora_grad(p.head, p.lora, bad, p.y)
 
 
+def test_strict_layer_options_and_mixed_options_rejected():
+    """lengths, key_mask, position_ids and rotary tables as array_api_strict arrays give the NumPy result;
+    an option array from another library than x is refused by name, whichever library each comes from."""
+    ref, p = _pair(np.float64)
+    L = ref.x.shape[-2]
+
+    def padded_rotary(ns, prob):
+        return gpulora.lora_grad(prob.head, prob.lora, prob.x, prob.y, method="exact", lengths=ns.asarray([L, 20]),
+                                 rope_theta=100.0, position_ids=ns.asarray(np.arange(L)))
+
+    want, got = padded_rotary(np, ref), padded_rotary(xs, p)
+    for t in "qkv":
+        assert rel_error(got.grads[t].B, want.grads[t].B) < 1e-12
+    mask = xs.asarray(np.arange(L)[None, :] < np.array([[L], [20]]))
+    masked = gpulora.lora_grad(p.head, p.lora, p.x, p.y, method="exact", key_mask=mask, rope_theta=100.0)
+    assert rel_error(masked.grads["q"].A, got.grads["q"].A) < 1e-12
+    for opts in (dict(lengths=np.array([L, 20])), dict(key_mask=np.ones((2, L), bool)),
+                 dict(rope_theta=100.0, position_ids=np.arange(L)),
+                 dict(rope_cos=np.ones((L, 4)), rope_sin=np.zeros((L, 4)))):
+        with pytest.raises(TypeError, match="same library"):
+            gpulora.lora_grad(p.head, p.lora, p.x, p.y, **opts)
+    with pytest.raises(TypeError, match="same library"):
+        gpulora.lora_grad(ref.head, ref.lora, ref.x, ref.y, key_mask=xs.ones((2, L), dtype=xs.bool))
+
+
 def test_backend_dtype_round_trip():
     for name in ("float32", "float64"):
         a = xs.zeros(2, dtype=getattr(xs, name))
