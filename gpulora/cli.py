@@ -65,6 +65,16 @@ def _positive_float(text):
     return v
 
 
+def _seed(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def _tol(text):
     try:
         return check_tol(float(text))
@@ -120,7 +130,7 @@ def _problem_options(p, *, L, d_model, d_head, d_v, bound):
         p.add_argument("--bound", type=_positive_float, default=bound,
                        help=f"score bound M = beta max|q_i| max|k_j|: the inputs are scaled to hit it "
                             f"(default {bound:g})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, an integer >= 0 (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +252,17 @@ def _rejected_values(prefix=""):
         raise CLIError(f"{prefix}{err}") from err
 
 
+def check_outputs(option: str, *paths) -> None:
+    """Refuse, before any work, output ``paths`` of ``option`` that cannot be written: a folder that does not
+    exist, or a path that is a directory. Raises :class:`CLIError` (a user error, exit 2)."""
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise CLIError(f"{option}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise CLIError(f"{option}: {path} is a directory, not a file to write")
+
+
 # --- subcommands ----------------------------------------------------------------------------------------
 
 def _demo(args) -> int:
@@ -264,7 +285,9 @@ def _demo(args) -> int:
             bar.update()
 
         bar.set_postfix_str("warm-up")
-        compare(make_problem(args.seed, L=min(args.L, 256), **kw), tol=tol, causal=args.causal)
+        with _rejected_values("--bound: "):  # weights that give M past the dtype
+            warm = make_problem(args.seed, L=min(args.L, 256), **kw)
+        compare(warm, tol=tol, causal=args.causal)
         prob = make_problem(args.seed, L=args.L, **kw)
         cmp = compare(prob, tol=tol, causal=args.causal, on_step=step)
         step("diagnosis")
@@ -307,9 +330,7 @@ def _phase(args) -> int:
     stem, ext = os.path.splitext(out)
     if ext.lower() != ".png":
         raise CLIError(f"--out must name a .png file, got {out!r}")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise CLIError(f"--out: folder {folder} does not exist")
+    check_outputs("--out", out, stem + ".csv")
     xp = _xp(args.backend)
     t0 = time.perf_counter()
     if args.attention == "tensor":

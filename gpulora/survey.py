@@ -593,12 +593,18 @@ def command(args) -> int:
         lengths = tuple(int(t) for t in args.lengths.split(",") if t.strip())
     except ValueError:
         raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    from .cli import check_outputs
+
+    if args.out:
+        check_outputs("--out", f"{args.out}.csv", f"{args.out}.png")
     texts = None
     if args.text is not None:
         try:
             raw = Path(args.text).read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise SurveyError(f"{args.text!r} is not a UTF-8 text file") from None
+            raise SurveyError(f"--text: {args.text!r} is not a UTF-8 text file") from None
+        except OSError as err:
+            raise SurveyError(f"--text: cannot read {args.text!r} ({err.strerror or type(err).__name__})") from None
         texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
         if not texts:
             raise SurveyError(f"{args.text!r} holds no text")

@@ -72,6 +72,11 @@ def make_problem(seed=0, *, L=64, d_model=16, d_head=8, d_v=None, r=4, targets="
         qn = np.linalg.norm(q, axis=-1).max(axis=-2)  # per (batch, head)
         kn = np.linalg.norm(k, axis=-1).max(axis=-2)
         c = math.sqrt(score_bound / (beta_ * float(np.max(qn * kn))))
+        scaled = (w["q"], w["k"], *(adapters[t][1] for t in "qk" if t in adapters))
+        big = c * max(float(np.max(np.abs(a))) for a in scaled)
+        if not big < float(np.finfo(dtype).max):
+            raise ValueError(f"score_bound = {score_bound:g} needs q/k weights of size {big:.3g}, past "
+                             f"{np.dtype(dtype).name} (largest {float(np.finfo(dtype).max):.3g})")
         w["q"], w["k"] = w["q"] * c, w["k"] * c
         adapters = {t: (b, a * c if t in "qk" else a) for t, (b, a) in adapters.items()}
 

@@ -209,6 +209,18 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
     assert "not supported" in capsys.readouterr().err
 
 
+def test_unreadable_text_and_unwritable_out_are_one_line_exit_2(bert_folder, tmp_path, capsys):
+    """--text that cannot be read and --out that cannot be written are user errors, found before the survey
+    runs (not a traceback after it)."""
+    (tmp_path / "dir.csv").mkdir()
+    cases = [(["--text", str(tmp_path / "missing.txt")], "--text"), (["--text", str(tmp_path)], "--text"),
+             (["--out", str(tmp_path / "nodir" / "x")], "--out"), (["--out", str(tmp_path / "dir")], "--out")]
+    for argv, needle in cases:
+        assert cli.main(["survey", str(bert_folder), "--lengths", "16", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gpulora: error: " + needle) and "\n" not in err, (argv, err)
+
+
 def test_bad_arguments_are_named(bert_folder):
     with pytest.raises(ValueError, match="lengths"):
         survey(bert_folder, lengths=(1,))

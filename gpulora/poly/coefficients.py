@@ -228,6 +228,10 @@ def choose(bound: float, *, tol=None, degree=None, family=None, dtype=np.float64
     if not (math.isfinite(bound) and bound >= 0):
         raise ValueError(f"the score bound M must be a finite number >= 0, got {bound}")
     limit = _FIXED_DEGREE_BOUND if degree is not None else feasible_bound(target)
+    if limit < 0:  # even M = 0 (p = 1) rounds past tol: the request, not the bound, is out of reach
+        raise ValueError(f"tol={target:.3g} is below float64 rounding (unit roundoff "
+                         f"{_unit_roundoff(np.float64):.3g}): no polynomial's evaluation can meet it; use "
+                         f"method='exact' or a larger tol")
     if bound > limit:
         what = f"of degree {degree} is usable" if degree is not None else f"reaches tol={target:.3g}"
         raise ValueError(

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from gpulora.poly.coefficients import DEFAULT_TOL, FAMILIES, MAX_DEGREE, measure, choose, coefficients, evaluate
+from gpulora.poly.coefficients import (DEFAULT_TOL, FAMILIES, MAX_DEGREE, choose, coefficients, evaluate,
+                                       feasible_bound, measure)
 
 # docs/math.md section 3, measured in float64: smallest degree with max relative error <= tol on [-M, M]
 MATH_DOC_DEGREES = {
@@ -80,3 +81,13 @@ def test_degenerate_bound_and_limits():
     assert DEFAULT_TOL == 1e-3 and MAX_DEGREE >= 30
     with pytest.raises(ValueError, match="family"):
         choose(1.0, family="pade")
+
+
+@pytest.mark.parametrize("tol", [1e-300, 1e-17])
+def test_tol_below_float64_rounding_is_named_as_such(tol):
+    """A tol no evaluation can meet (feasible_bound < 0) is refused for what it is, at any bound, not with a
+    negative limit on M."""
+    assert feasible_bound(tol) < 0
+    for bound in (0.0, 0.5):
+        with pytest.raises(ValueError, match="below float64 rounding"):
+            choose(bound, tol=tol)
