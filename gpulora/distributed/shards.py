@@ -30,7 +30,6 @@ class Shards:
     token_sizes: tuple[int, ...]
     batched: bool
     d_model: int
-    dtype: Any
     sample: Any  # a 0-size array of x's block type: its namespace and dtype (NumPy or CuPy)
     rechunked: tuple[str, ...] = ()
 
@@ -158,7 +157,7 @@ def split(x, y, chunks, d_model: int, d_y: int, y_name: str = "y") -> Shards:
         sample = x[(0,) * (x.ndim - 1)][:0]
         if not batched:
             x, y, lead = x[None], None if y is None else y[None], ((1,),) + lead
-        return Shards(_slice_blocks(x, y, lead), lead[0], lead[1], batched, d_model, x.dtype, sample, ())
+        return Shards(_slice_blocks(x, y, lead), lead[0], lead[1], batched, d_model, sample, ())
     if not batched:
         x = x[None]
         y = None if y is None else y[None]
@@ -170,7 +169,7 @@ def split(x, y, chunks, d_model: int, d_y: int, y_name: str = "y") -> Shards:
     pair = dask.delayed(_pair, pure=True)
     blocks = [[pair(xb[b, t], None if yb is None else yb[b, t]) for t in range(xb.shape[1])]
               for b in range(xb.shape[0])]
-    return Shards(blocks, tuple(lead[0]), tuple(lead[1]), batched, d_model, x.dtype, sample, tuple(rechunked))
+    return Shards(blocks, tuple(lead[0]), tuple(lead[1]), batched, d_model, sample, tuple(rechunked))
 
 
 def _pair(x, y):
