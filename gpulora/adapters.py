@@ -102,12 +102,6 @@ def _merge_heads(xp, a):
     return xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (b, L, h * d))
 
 
-def _is_array(a) -> bool:
-    """An array of some array library (NumPy, CuPy, any array-API-standard one), not a Python scalar: the
-    option arrays of a call must come from the library of ``x``."""
-    return isinstance(a, np.ndarray) or backend.is_cupy(a) or hasattr(a, "__array_namespace__")
-
-
 def _key_valid(xp, key_mask, lengths, lead, L):
     """``(batch, L)`` boolean from ``key_mask`` (shape ``lead + (L,)``) or ``lengths`` (shape ``lead``), or None."""
     if key_mask is not None and lengths is not None:
@@ -119,7 +113,7 @@ def _key_valid(xp, key_mask, lengths, lead, L):
         return None
     if isinstance(lengths, numbers.Integral) and not isinstance(lengths, bool):
         lengths = xp.asarray(int(lengths))
-    if not _is_array(lengths):
+    if not backend.is_array(lengths):
         raise TypeError(f"lengths must be an integer array of shape {tuple(lead)}, got {type(lengths).__name__}")
     if backend.host_dtype(lengths).kind not in "iu":
         raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
@@ -147,7 +141,8 @@ def prepare(head: Head, lora: LoRA, x, y=None, *, grad_output=None, key_mask=Non
         check_real_array(name, a, ndim=(2, 3), half=True)
     weights = [head.weight(t) for t in TARGETS] + [head.bias(t) for t in TARGETS if head.bias(t) is not None]
     adapters = [a for pair in lora.adapters.values() for a in pair]
-    others = [a for a in (key_mask, lengths, position_ids, rope_cos, rope_sin) if _is_array(a)]
+    # option arrays must come from the library of x (Python scalars are checked by their own rules)
+    others = [a for a in (key_mask, lengths, position_ids, rope_cos, rope_sin) if backend.is_array(a)]
     xp = backend.namespace(x, *weights, *adapters, *(a for _, a in upstream), *others)
     batched = x.ndim == 3
     if x.shape[-1] != head.d_model:

@@ -44,6 +44,12 @@ def is_cupy(x) -> bool:
     return array_api_compat.is_cupy_array(x)
 
 
+def is_array(a) -> bool:
+    """An array of an array-API-standard library (NumPy, CuPy, ...), not a Python scalar."""
+    return array_api_compat.is_array_api_obj(a) and not (isinstance(a, (bool, int, float, complex))
+                                                          and not isinstance(a, np.generic))
+
+
 def namespace(*arrays):
     """The array-API namespace shared by ``arrays`` (NumPy, CuPy, or any array-API-standard library).
 
@@ -53,8 +59,7 @@ def namespace(*arrays):
         If an argument is not an array, or the arrays come from different libraries.
     """
     for a in arrays:
-        if not array_api_compat.is_array_api_obj(a) or (isinstance(a, (bool, int, float, complex))
-                                                        and not isinstance(a, np.generic)):
+        if not is_array(a):
             raise TypeError(f"expected arrays that follow the array API standard (NumPy, CuPy, ...), got "
                             f"{type(a).__name__}")
     try:

@@ -27,10 +27,11 @@ When a whole key row fits (``block_k = L``), one pass per query block computes `
 ``block_k``: a first sweep computes ``O`` and the row log-sum-exp with the online softmax, a second
 recomputes ``F = exp(S - lse)`` block by block. With a single key block ``r`` is the row sum of
 ``F * G V^T`` over the block, from the same products that it is subtracted from, so that where one key
-dominates a row the two terms of ``G V^T - r`` cancel alike (float32 ``dQ``, ``dK`` measured 1.7e-4 relative
-against a float64 reference with ``r = rowsum(G * O)``, 1e-7 with this form, as PyTorch's autograd through
-the softmax); over several key blocks ``r = rowsum(G * O)``, FlashAttention's form. The largest temporary is ``lead * block_q * block_k``
-elements (at most :data:`BLOCK_ELEMENTS` on the CPU, :data:`GPU_BLOCK_ELEMENTS` on CuPy), never ``L x L``.
+dominates a row the two terms of ``G V^T - r`` cancel alike, as in PyTorch's autograd through the softmax
+(a row with one key gets exactly zero ``dQ``, ``dK`` in any precision:
+``tests/exact/test_attention_grad.py``); over several key blocks ``r = rowsum(G * O)``, FlashAttention's
+form. The largest temporary is ``lead * block_q * block_k`` elements (at most :data:`BLOCK_ELEMENTS` on the
+CPU, :data:`GPU_BLOCK_ELEMENTS` on CuPy), never ``L x L``.
 
 **Per block** six products (``beta Q K^T``, ``E V``; ``E^T G'``, ``G' V^T``, ``P K``, ``P^T (beta Q)``) and
 six elementwise passes, in place in two buffers: max, subtract, exp, sum over ``E = exp(S - m)``; then

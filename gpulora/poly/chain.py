@@ -411,8 +411,8 @@ def lift_states(d: int, g: int, d_v: int, cupy: bool = False, itemsize: int = 4)
     ``python asv_bench/interleaved.py forms`` (both forms alternating in one process; BENCHMARKS.md): lifted
     wins at ``d = 8, g = 2`` and ``d = 4, g = 2``, ties at ``d = 8, g = 4`` and (within 6 % either way over
     two runs) at ``d = 16, g = 2`` in float32, a lifted block of 3.97 MB, and loses 2x at ``d = 16, g = 4``
-    in float64. The GPU, with today's
-    feature-map kernel: never. And only where the table passes the feature budget."""
+    in float64. The GPU, with today's feature-map kernel: never. And only where the table passes the
+    feature budget."""
     k, k1 = feature_dim(d, g), feature_dim(d, g + 1)
     if k1 > MAX_FEATURES or (not cupy and 2 * FAST_MIN_ROWS * k1 * itemsize > CACHE_BYTES):
         return False

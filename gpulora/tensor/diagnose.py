@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-
 from .. import backend
 from ..diagnosis import Diagnosis, _choice_fields, _plan
 from ..model import LoRA
