@@ -12,14 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 import gpulora.tensor as tensor
-from gpulora import backend
 from gpulora.poly.monomials import feature_dim
 from gpulora.tensor import cost
 from gpulora.tensor.testing import make_problem
 from gpulora.testing import rel_error
 
-from .common import (BACKENDS, D_MODEL, MAX_SCORE_LIMIT, RANK, SCORE_BOUND, Benchmark, best_seconds,
-                     peak_alloc_mib, setup)  # noqa: F401  (setup: the module-level asv hook, seeding)
+from .common import (BACKENDS, D_MODEL, MAX_SCORE_LIMIT, RANK, SCORE_BOUND, Benchmark, CallBenchmark,
+                     best_seconds, peak_alloc_mib, setup)  # noqa: F401  (setup: the module-level asv hook, seeding)
 
 EXACT_LENGTHS = [64, 256]
 POLY_LENGTHS = [1024, 16384]
@@ -55,7 +54,7 @@ def _max_rel_error(result, reference) -> float:
                    rel_error(result.grads[t].A, reference.grads[t].A)) for t in reference.grads)
 
 
-class TensorExactGrad(Benchmark):
+class TensorExactGrad(CallBenchmark):
     """Exact tensor attention (blocked over queries and key pairs, ``O(L^3 (d_head + d_v))``)."""
 
     params = [BACKENDS, EXACT_LENGTHS, D_HEADS, DTYPES]
@@ -79,22 +78,10 @@ class TensorExactGrad(Benchmark):
         p = self.prob
         return tensor.lora_grad(p.head, p.lora, p.x, p.y, **self.kwargs)
 
-    def time_lora_grad(self, *params):
-        self._run()
-        backend.synchronize()
-
-    def peakmem_lora_grad(self, *params):
-        self._run()
-
     def track_alloc_lora_grad(self, *params):
         return peak_alloc_mib(self._run)
 
     track_alloc_lora_grad.unit = "MiB"
-
-    def track_gflops_lora_grad(self, *params):
-        return self.flops / best_seconds(self._run) / 1e9
-
-    track_gflops_lora_grad.unit = "GFLOP/s"
 
 
 class TensorPolyGrad(TensorExactGrad):
