@@ -74,6 +74,7 @@ def test_memory_is_linear_in_L(monkeypatch):
     """With a small tile budget, the peak allocation of the exact gradient is one tile plus O(L) arrays:
     from L = 64 to 192 it grows by far less than one L x L float64 matrix (an L^2 or L^3 temporary would
     add at least 295 kB at L = 192)."""
+    import gc
     import tracemalloc
 
     monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 1 << 12)
@@ -81,6 +82,7 @@ def test_memory_is_linear_in_L(monkeypatch):
     peaks = []
     for L in (64, 192):
         arrays, y = _inputs(5, (), L, 4, 4)
+        gc.collect()  # a collection inside the traced window would count other tests' garbage
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         exact.loss_and_grads(*arrays, 0.5, y=y)
